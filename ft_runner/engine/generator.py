@@ -1,0 +1,181 @@
+"""Prefill + decode in lock-step on every rank of the grid.
+
+Every rank calls `generate` with the same Batch. Pipeline stages hand activations to the next
+stage; the last stage samples and broadcasts the new tokens to every rank, so all ranks agree on
+when to stop without any extra message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ft_runner.engine.kv_cache import KVCache
+from ft_runner.engine.sampler import SamplingParams, apply_penalties, sample
+
+
+@dataclasses.dataclass
+class Batch:
+    """One generation batch, identical on every rank. Arrays are numpy, one row per sequence."""
+
+    input_ids: np.ndarray  # int64 (B, S), right-padded
+    lengths: np.ndarray  # int64 (B,)
+    output_lens: np.ndarray  # int64 (B,): new tokens wanted
+    end_id: np.ndarray  # int64 (B,)
+    top_k: np.ndarray  # int64 (B,)
+    top_p: np.ndarray  # float32 (B,)
+    temperature: np.ndarray  # float32 (B,)
+    repetition_penalty: np.ndarray  # float32 (B,)
+    presence_penalty: np.ndarray  # float32 (B,)
+    min_length: np.ndarray  # int64 (B,)
+    seed: np.ndarray  # int64 (B,)
+
+    @classmethod
+    def make(cls, prompts: list[list[int]], output_lens, end_id: int, **per_row) -> "Batch":
+        """Build a batch from token lists; `per_row` values are scalars or sequences of length B."""
+        B = len(prompts)
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        ids = np.full((B, int(lengths.max())), end_id, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        defaults = dict(end_id=end_id, top_k=0, top_p=0.0, temperature=1.0, repetition_penalty=1.0,
+                        presence_penalty=0.0, min_length=0, seed=0)
+        defaults.update(per_row)
+        rows = {}
+        for field in dataclasses.fields(cls)[3:]:
+            dtype = np.float32 if isinstance(defaults[field.name], float) or field.name in (
+                "top_p", "temperature", "repetition_penalty", "presence_penalty") else np.int64
+            rows[field.name] = np.broadcast_to(np.asarray(defaults[field.name], dtype=dtype), (B,)).copy()
+        return cls(ids, lengths, np.broadcast_to(np.asarray(output_lens, np.int64), (B,)).copy(), **rows)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@dataclasses.dataclass
+class Output:
+    output_ids: np.ndarray  # int64 (B, S + max new): prompt, new tokens, end_id padding
+    sequence_lengths: np.ndarray  # int64 (B,): prompt + new tokens (an end token counts)
+    cum_log_probs: np.ndarray  # float32 (B,): sum over the new tokens
+    output_log_probs: np.ndarray  # float32 (B, max new)
+
+
+class Generator:
+    def __init__(self, model, runtime):
+        self.model = model
+        self.runtime = runtime
+        self.grid = runtime.grid
+        self.device = runtime.device
+        self.dtype = next(model.parameters()).dtype
+
+    @torch.inference_mode()
+    def generate(self, batch: Batch, on_token=None) -> Output:
+        """Run the batch to completion; `on_token(step, tokens)` sees each step's tokens (numpy)."""
+        dev, B = self.device, batch.size
+        lengths = torch.from_numpy(batch.lengths).to(dev)
+        out_lens = torch.from_numpy(batch.output_lens).to(dev)
+        end_id = torch.from_numpy(batch.end_id).to(dev)
+        params = self._params(batch)
+        max_new = int(batch.output_lens.max())
+        cache = self._cache(B, max(batch.input_ids.shape[1], int((batch.lengths + batch.output_lens).max())))
+        penalties = bool((batch.repetition_penalty != 1).any() or (batch.presence_penalty != 0).any()
+                         or (batch.min_length > 0).any())
+        counts = self._prompt_counts(batch) if penalties else None
+
+        ids = torch.from_numpy(batch.input_ids).to(dev)
+        positions = torch.arange(ids.shape[1], device=dev).expand(B, -1)
+        logits = self._forward(ids, positions, lengths, cache, lengths - 1, prefill=True)
+        new_tokens = torch.full((B, max_new), -1, dtype=torch.int64, device=dev)
+        logprobs = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
+        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        steps = 0
+        for step in range(max_new):
+            tokens, lp = self._next_tokens(logits, counts, params, step, end_id)
+            tokens = torch.where(finished, end_id, tokens)
+            new_tokens[:, step], logprobs[:, step] = tokens, torch.where(finished, 0.0, lp)
+            if on_token is not None:
+                on_token(step, tokens.cpu().numpy(), finished.cpu().numpy())
+            steps += 1
+            finished |= (tokens == end_id) | (step + 1 >= out_lens)
+            if bool(finished.all()):
+                break
+            if counts is not None:
+                counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
+            pos = lengths + step
+            logits = self._forward(tokens[:, None], pos[:, None], pos, cache, None, prefill=False)
+        return self._output(batch, new_tokens[:, :steps], logprobs[:, :steps], end_id)
+
+    def _params(self, batch: Batch) -> SamplingParams:
+        t = {f.name: torch.from_numpy(getattr(batch, f.name)).to(self.device)
+             for f in dataclasses.fields(SamplingParams)}
+        return SamplingParams(**t)
+
+    def _cache(self, batch: int, max_len: int) -> KVCache:
+        config, tp = self.model.config, self.grid.tp
+        return KVCache.allocate(len(self.model.layers), batch, config.head_num // tp, max_len,
+                                config.size_per_head, self.dtype, self.device)
+
+    def _prompt_counts(self, batch: Batch) -> torch.Tensor:
+        B, S = batch.input_ids.shape
+        valid = np.arange(S)[None, :] < batch.lengths[:, None]
+        counts = np.zeros((B, self.model.config.vocab_size), dtype=np.float32)
+        np.add.at(counts, (np.repeat(np.arange(B), S)[valid.ravel()], batch.input_ids[valid]), 1)
+        return torch.from_numpy(counts).to(self.device)
+
+    def _forward(self, ids, positions, row_positions, cache, last_index, prefill: bool):
+        """One pass of the pipeline; returns logits (B, V) on the last stage, else None."""
+        grid, model = self.grid, self.model
+        if grid.is_first_stage:
+            h = model.embed(ids, positions)
+        else:
+            h = torch.empty((*ids.shape, model.config.hidden_size), dtype=self.dtype, device=self.device)
+            dist.recv(h, src=grid.stage_rank(grid.pp_rank - 1))
+        h = model(h, cache, row_positions, prefill)
+        if not grid.is_last_stage:
+            dist.send(h.contiguous(), dst=grid.stage_rank(grid.pp_rank + 1))
+            return None
+        if last_index is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), last_index]
+        else:
+            h = h[:, -1]
+        return model.logits(h)
+
+    def _next_tokens(self, logits, counts, params, step, end_id):
+        """Sample on the last stage, then share (tokens, log-probs) with every rank."""
+        B = params.seed.shape[0]
+        if logits is not None:
+            if counts is not None:
+                logits = apply_penalties(logits, counts, params, step, end_id)
+            tokens, lp = sample(logits, params, step)
+        else:
+            tokens = torch.empty(B, dtype=torch.int64, device=self.device)
+            lp = torch.empty(B, dtype=torch.float32, device=self.device)
+        if self.grid.world > 1:
+            dist.broadcast(tokens, src=self.grid.sampler_rank)
+            dist.broadcast(lp, src=self.grid.sampler_rank)
+        return tokens, lp
+
+    def _output(self, batch: Batch, new_tokens, logprobs, end_id) -> Output:
+        new = new_tokens.cpu().numpy()
+        lp = logprobs.cpu().numpy()
+        B, S = batch.input_ids.shape
+        out_ids = np.full((B, S + new.shape[1]), batch.end_id[:, None], dtype=np.int64)
+        seq_lens = np.zeros(B, dtype=np.int64)
+        for row in range(B):
+            n = _generated_count(new[row], batch.end_id[row], batch.output_lens[row])
+            length = batch.lengths[row]
+            out_ids[row, :length] = batch.input_ids[row, :length]
+            out_ids[row, length:length + n] = new[row, :n]
+            seq_lens[row] = length + n
+            lp[row, n:] = 0.0
+        return Output(out_ids, seq_lens, lp.sum(axis=1).astype(np.float32), lp.astype(np.float32))
+
+
+def _generated_count(tokens: np.ndarray, end_id: int, wanted: int) -> int:
+    """New tokens up to and including the first end token, at most `wanted`."""
+    hits = np.flatnonzero(tokens[:wanted] == end_id)
+    return int(hits[0]) + 1 if hits.size else int(min(wanted, tokens.size))

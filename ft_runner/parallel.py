@@ -1,0 +1,165 @@
+"""The parallel runtime: MPI ranks, FT's TP x PP grid, devices, and torch.distributed groups.
+
+Rank and size come from MPI; torch.distributed (NCCL on GPUs, gloo on CPUs) is bootstrapped from
+it on a port rank 0 picks. FT's mapping: tp_rank = rank % TP, pp_rank = rank // TP; a rank's GPU
+is its local rank on its node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ft_runner.config import ConfigError
+
+# Workers idle in the MPI control channel, not in torch collectives, so this only bounds a
+# collective whose peer died; the job is torn down by MPI long before it expires.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Where one rank sits in the TP x PP grid."""
+
+    rank: int
+    world: int
+    tp: int
+    pp: int
+
+    def __post_init__(self):
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"--tp and --pp must be at least 1 (got --tp {self.tp} --pp {self.pp})")
+        if self.world != self.tp * self.pp:
+            raise ConfigError(
+                f"mpirun started {self.world} ranks but --tp {self.tp} x --pp {self.pp} needs "
+                f"{self.tp * self.pp}: run `mpirun -n {self.tp * self.pp}` or change --tp/--pp"
+            )
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // self.tp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def stage_rank(self, pp_rank: int) -> int:
+        """The world rank with this rank's tp_rank in pipeline stage `pp_rank`."""
+        return pp_rank * self.tp + self.tp_rank
+
+    @property
+    def sampler_rank(self) -> int:
+        """Rank that owns the sampled tokens: tp_rank 0 of the last stage."""
+        return (self.pp - 1) * self.tp
+
+
+@dataclasses.dataclass
+class Runtime:
+    grid: Grid
+    device: torch.device
+    tp_group: Optional[dist.ProcessGroup]
+    comm: object  # mpi4py COMM_WORLD
+
+    @property
+    def rank(self) -> int:
+        return self.grid.rank
+
+
+def mpi_comm():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def local_rank_and_size(comm) -> tuple[int, int]:
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_rank(), node.Get_size()
+    finally:
+        node.Free()
+
+
+def pick_device(comm, device: str) -> torch.device:
+    """`auto`: the local rank's GPU when there are GPUs, else the CPU."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no GPU")
+    local_rank, local_size = local_rank_and_size(comm)
+    count = torch.cuda.device_count()
+    if local_size > count:
+        raise ConfigError(
+            f"{local_size} ranks share this node but it has {count} GPU(s): one GPU per rank "
+            f"is needed (start fewer ranks per node, or use --device cpu)"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _master_address(comm) -> str:
+    """127.0.0.1 when every rank shares rank 0's node, else rank 0's host name."""
+    _, local_size = local_rank_and_size(comm)
+    same_node = comm.allreduce(local_size, op=__import__("mpi4py").MPI.MIN) == comm.Get_size()
+    return os.environ.get("FT_RUNNER_MASTER_ADDR") or ("127.0.0.1" if same_node else socket.getfqdn())
+
+
+def init_runtime(tp: int, pp: int, device: str = "auto") -> Runtime:
+    """Check the grid, pick the device and start torch.distributed; raises ConfigError alike on every rank."""
+    comm = mpi_comm()
+    grid = Grid(comm.Get_rank(), comm.Get_size(), tp, pp)
+    dev = agree(comm, lambda: pick_device(comm, device))
+    if grid.world == 1:
+        return Runtime(grid, dev, None, comm)
+    address = _master_address(comm)
+    port = comm.bcast(_free_port() if grid.rank == 0 else None, root=0)
+    address = comm.bcast(address, root=0)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=grid.rank,
+                            world_size=grid.world, timeout=COLLECTIVE_TIMEOUT,
+                            **({"device_id": dev} if dev.type == "cuda" else {}))
+    tp_group = None
+    for stage in range(pp):  # every rank must create every group, in the same order
+        group = dist.new_group(list(range(stage * tp, (stage + 1) * tp)))
+        if stage == grid.pp_rank:
+            tp_group = group
+    return Runtime(grid, dev, tp_group, comm)
+
+
+def agree(comm, fn):
+    """Run `fn` on every rank; if it fails on any rank, raise the first failure's message on all."""
+    try:
+        result, error = fn(), None
+    except ConfigError as exc:
+        result, error = None, str(exc)
+    errors = comm.allgather(error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConfigError(first)
+    return result
+
+
+def shutdown(runtime: Runtime) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
