@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import os
 import socket
+import time
 from typing import Optional
 
 import torch
@@ -163,3 +164,31 @@ def agree(comm, fn):
 def shutdown(runtime: Runtime) -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def from_root(comm, fn) -> str:
+    """Rank 0 runs `fn` (returning a string); every rank gets the string or rank 0's ConfigError.
+
+    The others wait in a polled non-blocking broadcast so they do not spin a core meanwhile.
+    """
+    import numpy as np
+
+    if comm.Get_rank() == 0:
+        try:
+            status, text = 0, fn()
+        except ConfigError as exc:
+            status, text = 1, str(exc)
+        payload = text.encode("utf-8")
+        comm.Ibcast(np.array([status, len(payload)], dtype=np.int64), root=0).Wait()
+        comm.Bcast(np.frombuffer(payload, dtype=np.uint8).copy(), root=0)
+    else:
+        header = np.zeros(2, dtype=np.int64)
+        request = comm.Ibcast(header, root=0)
+        while not request.Test():
+            time.sleep(0.005)
+        buffer = np.empty(int(header[1]), dtype=np.uint8)
+        comm.Bcast(buffer, root=0)
+        status, text = int(header[0]), buffer.tobytes().decode("utf-8")
+    if status:
+        raise ConfigError(text)
+    return text

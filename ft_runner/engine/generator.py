@@ -106,8 +106,8 @@ class Generator:
             if counts is not None:
                 counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
             pos = lengths + step
-            logits = self._forward(tokens[:, None], pos[:, None], pos, cache, None, prefill=False)
-        return self._output(batch, new_tokens[:, :steps], logprobs[:, :steps], end_id)
+            logits = self._forward(tokens[:, None], pos[:, None], pos, cache, torch.zeros_like(pos), prefill=False)
+        return self._output(batch, new_tokens[:, :steps], logprobs[:, :steps])
 
     def _params(self, batch: Batch) -> SamplingParams:
         t = {f.name: torch.from_numpy(getattr(batch, f.name)).to(self.device)
@@ -127,7 +127,14 @@ class Generator:
         return torch.from_numpy(counts).to(self.device)
 
     def _forward(self, ids, positions, row_positions, cache, last_index, prefill: bool):
-        """One pass of the pipeline; returns logits (B, V) on the last stage, else None."""
+        """One pass of the pipeline; logits (B, V) of each row's `last_index` token on the last stage."""
+        h = self._hidden(ids, positions, row_positions, cache, prefill)
+        if h is None:
+            return None
+        return self.model.logits(h[torch.arange(h.shape[0], device=h.device), last_index])
+
+    def _hidden(self, ids, positions, row_positions, cache, prefill: bool):
+        """Run this rank's layers; the last stage returns hidden states (B, S, H), the others None."""
         grid, model = self.grid, self.model
         if grid.is_first_stage:
             h = model.embed(ids, positions)
@@ -138,11 +145,20 @@ class Generator:
         if not grid.is_last_stage:
             dist.send(h.contiguous(), dst=grid.stage_rank(grid.pp_rank + 1))
             return None
-        if last_index is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), last_index]
-        else:
-            h = h[:, -1]
-        return model.logits(h)
+        return h
+
+    @torch.inference_mode()
+    def prompt_logits(self, batch: Batch) -> np.ndarray:
+        """fp32 logits (B, S, V) at every prompt position, on every rank (for scoring and tests)."""
+        dev, (B, S) = self.device, batch.input_ids.shape
+        ids = torch.from_numpy(batch.input_ids).to(dev)
+        positions = torch.arange(S, device=dev).expand(B, -1)
+        h = self._hidden(ids, positions, None, self._cache(B, S), prefill=True)
+        logits = self.model.logits(h) if h is not None else torch.empty(
+            (B, S, self.model.config.vocab_size), dtype=torch.float32, device=dev)
+        if self.grid.world > 1:
+            dist.broadcast(logits, src=self.grid.sampler_rank)
+        return logits.cpu().numpy()
 
     def _next_tokens(self, logits, counts, params, step, end_id):
         """Sample on the last stage, then share (tokens, log-probs) with every rank."""
@@ -159,7 +175,7 @@ class Generator:
             dist.broadcast(lp, src=self.grid.sampler_rank)
         return tokens, lp
 
-    def _output(self, batch: Batch, new_tokens, logprobs, end_id) -> Output:
+    def _output(self, batch: Batch, new_tokens, logprobs) -> Output:
         new = new_tokens.cpu().numpy()
         lp = logprobs.cpu().numpy()
         B, S = batch.input_ids.shape

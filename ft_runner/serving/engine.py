@@ -1,0 +1,66 @@
+"""Rank 0's engine loop: the one thread that issues collectives, fed by the serving threads."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import queue
+import threading
+
+from ft_runner.engine.generator import Batch, Generator, Output
+from ft_runner.serving.protocol import Channel
+
+
+class ServerStopping(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class _Job:
+    batch: Batch
+    future: concurrent.futures.Future
+
+
+class Engine:
+    """Serving threads `submit` batches; `run` (on the main thread) executes them one by one,
+    first telling every other rank what to run so their collectives match rank 0's."""
+
+    def __init__(self, generator: Generator, channel: Channel):
+        self.generator = generator
+        self.channel = channel
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        self.accepting = True
+
+    def submit(self, batch: Batch) -> Output:
+        if not self.accepting:
+            raise ServerStopping("the server is shutting down and accepts no new requests")
+        job = _Job(batch, concurrent.futures.Future())
+        self.jobs.put(job)
+        return job.future.result()
+
+    def run(self, stop: threading.Event) -> None:
+        """Serve jobs until `stop` is set, then finish the queued ones and release the workers."""
+        while True:
+            try:
+                job = self.jobs.get(timeout=0.05)
+            except queue.Empty:
+                if stop.is_set():
+                    break
+                continue
+            if stop.is_set():
+                self.accepting = False
+            self._execute(job)
+        self.accepting = False
+        while not self.jobs.empty():
+            self._execute(self.jobs.get())
+        if self.channel.comm.Get_size() > 1:
+            self.channel.send_stop()
+
+    def _execute(self, job: _Job) -> None:
+        if self.channel.comm.Get_size() > 1:
+            self.channel.send_generate(job.batch)
+        try:
+            job.future.set_result(self.generator.generate(job.batch))
+        except Exception as exc:  # ranks may now be out of step: the caller must end the job
+            job.future.set_exception(RuntimeError(f"generation failed: {exc}"))
+            raise

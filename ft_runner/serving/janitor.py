@@ -1,0 +1,72 @@
+"""Clean up after rank 0 if it is killed hard (e.g. Open MPI's SIGKILL 0.25 s after SIGTERM).
+
+Started by rank 0 in its own session, so a signal to mpirun's process groups does not reach it:
+`python -m ft_runner.serving.janitor PID WORKSPACE`. Once PID is gone it removes PyTriton's
+workspace and every shared-memory file in /dev/shm of PyTriton or Open MPI that no live process
+still maps, then exits. After a clean exit of rank 0 there is nothing left for it to do.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+SHM = Path("/dev/shm")
+PREFIXES = ("pytrtion", "psm_", "sm_segment.")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def files_in_use() -> set[str]:
+    """Paths under /dev/shm that some process maps or holds open."""
+    used = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            used.update(line.split(None, 5)[-1].strip() for line in (proc / "maps").read_text().splitlines()
+                        if "/dev/shm/" in line)
+            used.update(os.readlink(fd) for fd in (proc / "fd").iterdir())
+        except OSError:
+            continue
+    return used
+
+
+def clean(workspace: Path) -> None:
+    shutil.rmtree(workspace, ignore_errors=True)
+    used = files_in_use()
+    for path in SHM.iterdir():
+        if path.name.startswith(PREFIXES) and str(path) not in used:
+            path.unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    pid, workspace = int(argv[0]), Path(argv[1])
+    while alive(pid):
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the server's children (tritonserver, stubs) die of their parent's death
+    clean(workspace)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

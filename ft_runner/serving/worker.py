@@ -1,0 +1,15 @@
+"""The loop of every rank but 0: receive work from rank 0, run the same step, repeat."""
+
+from __future__ import annotations
+
+from ft_runner.engine.generator import Generator
+from ft_runner.serving.protocol import Channel, Command
+
+
+def run_worker(generator: Generator, channel: Channel) -> None:
+    """Return when rank 0 sends STOP; an exception propagates and must end the whole job."""
+    while True:
+        command, batch = channel.receive()
+        if command == Command.STOP:
+            return
+        generator.generate(batch)
