@@ -154,9 +154,9 @@ class Generator:
         ids = torch.from_numpy(batch.input_ids).to(dev)
         positions = torch.arange(S, device=dev).expand(B, -1)
         h = self._hidden(ids, positions, None, self._cache(B, S), prefill=True)
-        logits = self.model.logits(h) if h is not None else torch.empty(
+        logits = self.model.logits(h).contiguous() if h is not None else torch.empty(
             (B, S, self.model.config.vocab_size), dtype=torch.float32, device=dev)
-        if self.grid.world > 1:
+        if self.grid.world > 1:  # gloo sends a non-contiguous tensor's storage as is: keep it contiguous
             dist.broadcast(logits, src=self.grid.sampler_rank)
         return logits.cpu().numpy()
 
