@@ -115,7 +115,7 @@ class Server:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            if self.ready():
+            if self.ready() and "rank 0 pid" in self.output():
                 return self
             time.sleep(0.5)
         raise TimeoutError(f"server not ready in {self.ready_timeout}s:\n{self.output()}")

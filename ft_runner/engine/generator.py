@@ -105,7 +105,7 @@ class Generator:
                 break
             if counts is not None:
                 counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
-            pos = lengths + step
+            pos = (lengths + step).clamp_max(cache.k.shape[3] - 1)  # finished rows idle in their last slot
             logits = self._forward(tokens[:, None], pos[:, None], pos, cache, torch.zeros_like(pos), prefill=False)
         return self._output(batch, new_tokens[:, :steps], logprobs[:, :steps])
 

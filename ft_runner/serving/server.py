@@ -134,8 +134,8 @@ def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
         triton.bind(model_name=model_name, infer_func=text_model.infer, inputs=INPUTS, outputs=OUTPUTS,
                     config=text_model.model_config, strict=True)
         triton.run()
-        LOG.info("serving model %r on http://%s:%d (gRPC %d, metrics %d)", model_name, args.bind_address,
-                 args.http_port, args.grpc_port, args.metrics_port)
+        LOG.info("serving model %r on http://%s:%d (gRPC %d, metrics %d); rank 0 pid %d", model_name,
+                 args.bind_address, args.http_port, args.grpc_port, args.metrics_port, os.getpid())
         engine.run(stop)
         LOG.info("stopping: requests drained")
 
