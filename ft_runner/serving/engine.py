@@ -6,6 +6,7 @@ import concurrent.futures
 import dataclasses
 import queue
 import threading
+from typing import Callable, Optional
 
 from ft_runner.engine.generator import Batch, Generator, Output
 from ft_runner.serving.protocol import Channel
@@ -19,6 +20,7 @@ class ServerStopping(RuntimeError):
 class _Job:
     batch: Batch
     future: concurrent.futures.Future
+    on_token: Optional[Callable] = None  # on_token(step, tokens, finished): numpy (B,) each, on the engine thread
 
 
 class Engine:
@@ -31,12 +33,16 @@ class Engine:
         self.jobs: queue.Queue[_Job] = queue.Queue()
         self.accepting = True
 
-    def submit(self, batch: Batch) -> Output:
+    def submit(self, batch: Batch, on_token: Optional[Callable] = None) -> Output:
+        """Queue a batch and wait for its output; `on_token` sees each step's tokens as they come."""
+        return self.submit_async(batch, on_token).result()
+
+    def submit_async(self, batch: Batch, on_token: Optional[Callable] = None) -> concurrent.futures.Future:
         if not self.accepting:
             raise ServerStopping("the server is shutting down and accepts no new requests")
-        job = _Job(batch, concurrent.futures.Future())
+        job = _Job(batch, concurrent.futures.Future(), on_token)
         self.jobs.put(job)
-        return job.future.result()
+        return job.future
 
     def run(self, stop: threading.Event) -> None:
         """Serve jobs until `stop` is set, then finish the queued ones and release the workers."""
@@ -60,7 +66,7 @@ class Engine:
         if self.channel.comm.Get_size() > 1:
             self.channel.send_generate(job.batch)
         try:
-            job.future.set_result(self.generator.generate(job.batch))
+            job.future.set_result(self.generator.generate(job.batch, on_token=job.on_token))
         except Exception as exc:  # ranks may now be out of step: the caller must end the job
             job.future.set_exception(RuntimeError(f"generation failed: {exc}"))
             raise
