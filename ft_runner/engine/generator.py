@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 
 from ft_runner.engine.kv_cache import KVCache
-from ft_runner.engine.sampler import SamplingParams, apply_penalties, sample
+from ft_runner.engine.sampler import DecodeState, Finish, SamplingParams, sample, word_list_batch
+
+WORD_LISTS = ("stop_words", "bad_words")
 
 
 @dataclasses.dataclass
@@ -32,22 +34,32 @@ class Batch:
     presence_penalty: np.ndarray  # float32 (B,)
     min_length: np.ndarray  # int64 (B,)
     seed: np.ndarray  # int64 (B,)
+    beam_width: np.ndarray  # int64 (B,): 1 = greedy / sampling, > 1 = beam search (engine/beam.py)
+    len_penalty: np.ndarray  # float32 (B,): final beam scores are divided by length ** len_penalty
+    diversity_rate: np.ndarray  # float32 (B,): added to a beam candidate's score times its rank among siblings
+    stop_words: np.ndarray  # int64 (B, 2, L): FT word lists (engine/sampler.py); L may be 0
+    bad_words: np.ndarray  # int64 (B, 2, L)
 
     @classmethod
     def make(cls, prompts: list[list[int]], output_lens, end_id: int, **per_row) -> "Batch":
-        """Build a batch from token lists; `per_row` values are scalars or sequences of length B."""
+        """Build a batch from token lists; `per_row` values are scalars or sequences of length B
+        (word lists: per row a list of words, each a token list, or FT's (2, L) / (B, 2, L) arrays)."""
         B = len(prompts)
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
         ids = np.full((B, int(lengths.max())), end_id, dtype=np.int64)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
         defaults = dict(end_id=end_id, top_k=0, top_p=0.0, temperature=1.0, repetition_penalty=1.0,
-                        presence_penalty=0.0, min_length=0, seed=0)
+                        presence_penalty=0.0, min_length=0, seed=0, beam_width=1, len_penalty=0.0,
+                        diversity_rate=0.0)
         defaults.update(per_row)
-        rows = {}
+        rows = {name: word_list_batch(defaults.pop(name, None), B) for name in WORD_LISTS}
         for field in dataclasses.fields(cls)[3:]:
+            if field.name in WORD_LISTS:
+                continue
             dtype = np.float32 if isinstance(defaults[field.name], float) or field.name in (
-                "top_p", "temperature", "repetition_penalty", "presence_penalty") else np.int64
+                "top_p", "temperature", "repetition_penalty", "presence_penalty", "len_penalty",
+                "diversity_rate") else np.int64
             rows[field.name] = np.broadcast_to(np.asarray(defaults[field.name], dtype=dtype), (B,)).copy()
         return cls(ids, lengths, np.broadcast_to(np.asarray(output_lens, np.int64), (B,)).copy(), **rows)
 
@@ -62,6 +74,7 @@ class Output:
     sequence_lengths: np.ndarray  # int64 (B,): prompt + new tokens (an end token counts)
     cum_log_probs: np.ndarray  # float32 (B,): sum over the new tokens
     output_log_probs: np.ndarray  # float32 (B, max new)
+    finish_reason: np.ndarray  # int64 (B,): a sampler.Finish code
 
 
 class Generator:
@@ -74,7 +87,13 @@ class Generator:
 
     @torch.inference_mode()
     def generate(self, batch: Batch, on_token=None) -> Output:
-        """Run the batch to completion; `on_token(step, tokens)` sees each step's tokens (numpy)."""
+        """Run the batch to completion. `on_token(step, tokens, reasons)` sees each step's tokens and
+        every row's Finish code after it (numpy, (B,)); a row's token counts while its code was 0.
+        Rows with beam_width > 1 go to beam search (one output per beam, no on_token)."""
+        if (batch.beam_width > 1).any():
+            from ft_runner.engine import beam  # beam.py builds on this module
+
+            return beam.generate(self, batch)
         dev, B = self.device, batch.size
         lengths = torch.from_numpy(batch.lengths).to(dev)
         out_lens = torch.from_numpy(batch.output_lens).to(dev)
@@ -82,32 +101,31 @@ class Generator:
         params = self._params(batch)
         max_new = int(batch.output_lens.max())
         cache = self._cache(B, max(batch.input_ids.shape[1], int((batch.lengths + batch.output_lens).max())))
-        penalties = bool((batch.repetition_penalty != 1).any() or (batch.presence_penalty != 0).any()
-                         or (batch.min_length > 0).any())
-        counts = self._prompt_counts(batch) if penalties else None
+        state = DecodeState(batch, self.model.config.vocab_size, dev)
 
         ids = torch.from_numpy(batch.input_ids).to(dev)
         positions = torch.arange(ids.shape[1], device=dev).expand(B, -1)
         logits = self._forward(ids, positions, lengths, cache, lengths - 1, prefill=True)
         new_tokens = torch.full((B, max_new), -1, dtype=torch.int64, device=dev)
         logprobs = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        reasons = torch.zeros(B, dtype=torch.int64, device=dev)  # Finish codes; 0 while running
+        produced = torch.zeros(B, dtype=torch.int64, device=dev)
         steps = 0
         for step in range(max_new):
-            tokens, lp = self._next_tokens(logits, counts, params, step, end_id)
+            tokens, lp = self._next_tokens(logits, state, params, step, end_id)
+            finished = reasons != Finish.RUNNING
             tokens = torch.where(finished, end_id, tokens)
             new_tokens[:, step], logprobs[:, step] = tokens, torch.where(finished, 0.0, lp)
+            produced += ~finished
+            reasons = torch.where(finished, reasons, state.finish(tokens, step, out_lens, end_id))
             if on_token is not None:
-                on_token(step, tokens.cpu().numpy(), finished.cpu().numpy())
+                on_token(step, tokens.cpu().numpy(), reasons.cpu().numpy())
             steps += 1
-            finished |= (tokens == end_id) | (step + 1 >= out_lens)
-            if bool(finished.all()):
+            if bool((reasons != Finish.RUNNING).all()):
                 break
-            if counts is not None:
-                counts.scatter_add_(1, tokens[:, None], torch.ones_like(tokens[:, None], dtype=counts.dtype))
             pos = (lengths + step).clamp_max(cache.k.shape[3] - 1)  # finished rows idle in their last slot
             logits = self._forward(tokens[:, None], pos[:, None], pos, cache, torch.zeros_like(pos), prefill=False)
-        return self._output(batch, new_tokens[:, :steps], logprobs[:, :steps])
+        return self._output(batch, new_tokens[:, :steps], logprobs[:, :steps], produced, reasons)
 
     def _params(self, batch: Batch) -> SamplingParams:
         t = {f.name: torch.from_numpy(getattr(batch, f.name)).to(self.device)
@@ -116,15 +134,8 @@ class Generator:
 
     def _cache(self, batch: int, max_len: int) -> KVCache:
         config, tp = self.model.config, self.grid.tp
-        return KVCache.allocate(len(self.model.layers), batch, config.head_num // tp, max_len,
+        return KVCache.allocate(len(self.model.layers), batch, config.local_kv_heads(tp), max_len,
                                 config.size_per_head, self.dtype, self.device)
-
-    def _prompt_counts(self, batch: Batch) -> torch.Tensor:
-        B, S = batch.input_ids.shape
-        valid = np.arange(S)[None, :] < batch.lengths[:, None]
-        counts = np.zeros((B, self.model.config.vocab_size), dtype=np.float32)
-        np.add.at(counts, (np.repeat(np.arange(B), S)[valid.ravel()], batch.input_ids[valid]), 1)
-        return torch.from_numpy(counts).to(self.device)
 
     def _forward(self, ids, positions, row_positions, cache, last_index, prefill: bool):
         """One pass of the pipeline; logits (B, V) of each row's `last_index` token on the last stage."""
@@ -160,13 +171,11 @@ class Generator:
             dist.broadcast(logits, src=self.grid.sampler_rank)
         return logits.cpu().numpy()
 
-    def _next_tokens(self, logits, counts, params, step, end_id):
+    def _next_tokens(self, logits, state, params, step, end_id):
         """Sample on the last stage, then share (tokens, log-probs) with every rank."""
         B = params.seed.shape[0]
         if logits is not None:
-            if counts is not None:
-                logits = apply_penalties(logits, counts, params, step, end_id)
-            tokens, lp = sample(logits, params, step)
+            tokens, lp = sample(state.process(logits, params, step, end_id), params, step)
         else:
             tokens = torch.empty(B, dtype=torch.int64, device=self.device)
             lp = torch.empty(B, dtype=torch.float32, device=self.device)
@@ -175,23 +184,20 @@ class Generator:
             dist.broadcast(lp, src=self.grid.sampler_rank)
         return tokens, lp
 
-    def _output(self, batch: Batch, new_tokens, logprobs) -> Output:
+    def _output(self, batch: Batch, new_tokens, logprobs, produced, reasons) -> Output:
+        """`produced` (B,): each row's new tokens, an end token included (stop words end without one)."""
         new = new_tokens.cpu().numpy()
         lp = logprobs.cpu().numpy()
         B, S = batch.input_ids.shape
         out_ids = np.full((B, S + new.shape[1]), batch.end_id[:, None], dtype=np.int64)
         seq_lens = np.zeros(B, dtype=np.int64)
+        produced = produced.cpu().numpy()
         for row in range(B):
-            n = _generated_count(new[row], batch.end_id[row], batch.output_lens[row])
+            n = int(produced[row])
             length = batch.lengths[row]
             out_ids[row, :length] = batch.input_ids[row, :length]
             out_ids[row, length:length + n] = new[row, :n]
             seq_lens[row] = length + n
             lp[row, n:] = 0.0
-        return Output(out_ids, seq_lens, lp.sum(axis=1).astype(np.float32), lp.astype(np.float32))
-
-
-def _generated_count(tokens: np.ndarray, end_id: int, wanted: int) -> int:
-    """New tokens up to and including the first end token, at most `wanted`."""
-    hits = np.flatnonzero(tokens[:wanted] == end_id)
-    return int(hits[0]) + 1 if hits.size else int(min(wanted, tokens.size))
+        return Output(out_ids, seq_lens, lp.sum(axis=1).astype(np.float32), lp.astype(np.float32),
+                      reasons.cpu().numpy())
