@@ -11,13 +11,17 @@ import sys
 import sysconfig
 import tempfile
 import threading
-
+import time
 import traceback
 from pathlib import Path
 
 from ft_runner.config import ConfigError
 
 LOG = logging.getLogger("ft_runner")
+# After a fault, rank 0 gives the failed requests' errors this long to reach their clients, and the
+# other ranks wait at most this long for rank 0 to end the job before ending it themselves.
+ANSWER_GRACE_S = 0.5
+WORKER_WAIT_S = 5.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-data-type", choices=("fp32", "fp16", "bf16"), default=None,
                    help="dtype of the converted files (default: the inference dtype)")
     p.add_argument("--model-name", default=None, help="served model name (default: from the model name)")
+    p.add_argument("--token-model-name", default="fastertransformer",
+                   help="name of the token-id model with fastertransformer_backend's GPT contract")
+    p.add_argument("--stream-model-name", default=None,
+                   help="name of the decoupled (streaming) text model (default: <model name>_stream)")
     p.add_argument("--max-batch-size", type=int, default=128)
-    p.add_argument("--bind-address", default="0.0.0.0", help="address the HTTP/gRPC/metrics ports bind to")
+    p.add_argument("--bind-address", default="0.0.0.0",
+                   help="address the HTTP, gRPC and metrics ports bind to (default 0.0.0.0, every interface, "
+                        "as FT's example; use 127.0.0.1 to serve this machine only)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--openai-port", type=int, default=0,
+                   help="serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics) "
+                        "on this port too; 0 = off")
+    p.add_argument("--max-concurrent-requests", type=int, default=256,
+                   help="OpenAI API: requests in flight beyond this are answered 429")
+    p.add_argument("--health-timeout-s", type=float, default=10.0,
+                   help="the `health` model fails when a one-token generation through all ranks takes longer")
     p.add_argument("--trust-remote-code", action="store_true", help="let HF run code from the model repo")
     p.add_argument("--verbose", action="store_true")
     return p
@@ -58,11 +75,23 @@ def main(argv=None) -> int:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
-    except Exception:
+    except Exception as exc:
         traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)  # never leave the other ranks waiting in a collective
+        _end_job_after_fault(comm, exc)
         return 1
+
+
+def _end_job_after_fault(comm, exc: Exception) -> None:
+    """End every rank, non-zero, without leaving rank 0's clients unanswered: close this rank's
+    collectives so peers blocked in one fail at once, give rank 0 a moment to send the errors, abort."""
+    import torch.distributed as dist
+
+    rank = comm.Get_rank()
+    print(f"error: rank {rank} failed ({_one_line(exc)}); ending the job", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    time.sleep(ANSWER_GRACE_S if rank == 0 else WORKER_WAIT_S)
+    comm.Abort(1)  # never leave the other ranks waiting in a collective
 
 
 def _serve(args, comm) -> int:
@@ -84,8 +113,9 @@ def _serve(args, comm) -> int:
         return f"{path}\n{args.model_name or source.key}"
 
     ckpt, model_name = parallel.from_root(comm, prepare).split("\n")
-    stage = parallel.agree(comm, lambda: load_stage(Path(ckpt), runtime.grid, runtime.tp_group, dtype,
-                                                    runtime.device))
+    stage = parallel.agree(comm, lambda: _load(load_stage, Path(ckpt), runtime, dtype))
+    if runtime.rank == 0:  # agree() is an allgather: every rank holds its shard by now
+        LOG.info("all %d ranks loaded their shards", runtime.grid.world)
     generator = Generator(stage, runtime)
     channel = Channel(comm)
     LOG.info("rank %d: TP %d/%d PP %d/%d on %s, %d layers loaded", runtime.rank, runtime.grid.tp_rank,
@@ -96,6 +126,28 @@ def _serve(args, comm) -> int:
         _serve_worker(generator, channel)
     parallel.shutdown(runtime)
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _load(load_stage, ckpt: Path, runtime, dtype: str):
+    """This rank's stage; running out of memory becomes one actionable ConfigError."""
+    import torch
+
+    from ft_runner.serving import faults
+
+    grid = runtime.grid
+    try:
+        faults.during_load(grid.rank)
+        return load_stage(ckpt, grid, runtime.tp_group, dtype, runtime.device)
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise ConfigError(
+            f"rank {grid.rank} (TP {grid.tp_rank}, PP {grid.pp_rank}) ran out of {runtime.device.type} memory "
+            f"loading its {dtype} shard ({_one_line(exc)}): "
+            "spread the model over more ranks (--tp/--pp), use a smaller --data-type, or free memory") from None
 
 
 def _serve_worker(generator, channel) -> None:
@@ -112,6 +164,10 @@ def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
     from pytriton.triton import Triton, TritonConfig
 
     from ft_runner.serving.engine import Engine
+    from ft_runner.serving.health import INPUTS as HEALTH_INPUTS
+    from ft_runner.serving.health import NAME as HEALTH
+    from ft_runner.serving.health import OUTPUTS as HEALTH_OUTPUTS
+    from ft_runner.serving.health import HealthModel
     from ft_runner.serving.text_model import INPUTS, OUTPUTS, TextModel
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt, trust_remote_code=args.trust_remote_code)
@@ -126,18 +182,75 @@ def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
         log_verbose=1 if args.verbose else 0,
     )
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):  # drain: finish what was accepted, refuse the rest at once
+        signal.signal(sig, lambda *_: (stop.set(), engine.stop_accepting()))
     workspace = Path(tempfile.mkdtemp(prefix="ft_runner_triton_"))
     _start_janitor(workspace)
     with Triton(config=config, workspace=workspace / "triton") as triton:
         triton.bind(model_name=model_name, infer_func=text_model.infer, inputs=INPUTS, outputs=OUTPUTS,
                     config=text_model.model_config, strict=True)
+        _bind_extra_models(triton, args, engine, tokenizer, generator.model.config, model_name)
+        health = HealthModel(engine, generator.model.config.end_id, args.health_timeout_s)
+        triton.bind(model_name=HEALTH, infer_func=health.infer, inputs=HEALTH_INPUTS, outputs=HEALTH_OUTPUTS,
+                    config=health.model_config, strict=True)
         triton.run()
         LOG.info("serving model %r on http://%s:%d (gRPC %d, metrics %d); rank 0 pid %d", model_name,
                  args.bind_address, args.http_port, args.grpc_port, args.metrics_port, os.getpid())
-        engine.run(stop)
+        openai = _start_openai(args, engine, tokenizer, generator.model.config, model_name)
+        try:
+            _run_engine(engine, stop, runtime.device)
+        except Exception as exc:  # before Triton's slow stop(): the failed requests are being answered
+            traceback.print_exc()
+            _end_job_after_fault(runtime.comm, exc)
+        if openai is not None:
+            openai.stop()
         LOG.info("stopping: requests drained")
+
+
+def _run_engine(engine, stop: threading.Event, device) -> None:
+    """Run the engine loop on its own thread and wait for it: a Python signal handler runs on the main
+    thread only, which must not be blocked in a collective when SIGTERM asks to drain."""
+    errors = []
+
+    def loop():
+        try:
+            if device.type == "cuda":  # the current device is per thread
+                import torch
+
+                torch.cuda.set_device(device)
+            engine.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=loop, name="engine")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if errors:
+        raise errors[0]
+
+
+def _start_openai(args, engine, tokenizer, config, model_name):
+    if not args.openai_port:
+        return None
+    from ft_runner.serving.openai_api import OpenAIServer
+
+    server = OpenAIServer(engine, tokenizer, config, model_name, args.max_concurrent_requests)
+    server.serve_in_thread(args.bind_address, args.openai_port)
+    LOG.info("OpenAI-compatible API on http://%s:%d/v1", args.bind_address, args.openai_port)
+    return server
+
+
+def _bind_extra_models(triton, args, engine, tokenizer, config, model_name: str) -> None:
+    """The streaming text model and the FT-backend token model, beside the text model."""
+    from ft_runner.serving import stream_model, token_model
+
+    stream = stream_model.StreamModel(engine, tokenizer, config, args.max_batch_size)
+    triton.bind(model_name=args.stream_model_name or f"{model_name}_stream", infer_func=stream.infer,
+                inputs=stream_model.INPUTS, outputs=stream_model.OUTPUTS, config=stream.model_config, strict=True)
+    tokens = token_model.TokenModel(engine, config, args.max_batch_size)
+    triton.bind(model_name=args.token_model_name, infer_func=tokens.infer, inputs=token_model.INPUTS,
+                outputs=token_model.OUTPUTS, config=tokens.model_config, strict=True)
 
 
 def _start_janitor(workspace: Path) -> None:

@@ -1,0 +1,328 @@
+"""OpenAI-compatible REST endpoints on rank 0 (FastAPI + uvicorn), beside Triton's.
+
+POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+Requests go through the same Engine as Triton's models, so the other ranks never see a difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from typing import Optional, Union
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from ft_runner.engine.generator import Batch
+from ft_runner.serving.engine import Engine, ServerStopping
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+class _Sampling(BaseModel):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # extra (vLLM): 0 or -1 = off
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # extra (vLLM)
+    logprobs: Optional[Union[bool, int]] = None
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    ignore_eos: bool = False  # extra (vLLM): for benchmarks
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+
+
+class OpenAIServer:
+    def __init__(self, engine: Engine, tokenizer, config, model_name: str, max_concurrent: int = 256):
+        self.engine, self.tokenizer, self.config = engine, tokenizer, config
+        self.model_name = model_name
+        self.max_concurrent = max_concurrent
+        self.in_flight = 0
+        self.created = int(time.time())
+        self.app = self._build()
+
+    def serve_in_thread(self, host: str, port: int) -> threading.Thread:
+        import uvicorn
+
+        server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning"))
+        server.install_signal_handlers = lambda: None  # signals belong to the main thread's engine loop
+        self._uvicorn = server
+        thread = threading.Thread(target=server.run, name="openai-api", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        if getattr(self, "_uvicorn", None) is not None:
+            self._uvicorn.should_exit = True
+
+    # ---- routes
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="ft_runner OpenAI-compatible API")
+
+        @app.exception_handler(APIError)
+        async def api_error(_: Request, exc: APIError):
+            return _error(exc.status, exc.message, exc.param, exc.kind)
+
+        @app.exception_handler(RequestValidationError)
+        async def validation_error(_: Request, exc: RequestValidationError):
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
+            return _error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+
+        @app.get("/health")
+        async def health():
+            return {"status": "ok"}
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                                 "owned_by": "ft_runner", "max_model_len": self.config.max_pos_seq_len}]}
+
+        @app.get("/metrics")
+        async def metrics():
+            return Response(self.engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionRequest):
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if not prompts:
+                raise APIError(400, "prompt must not be empty", "prompt")
+            ids = [self._encode(p, "prompt") for p in prompts]
+            return await self._respond(body, ids, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: ChatRequest):
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise APIError(400, f"model {self.model_name!r} has no chat template: use /v1/completions", "messages")
+            if body.max_completion_tokens is not None:
+                body.max_tokens = body.max_completion_tokens
+            text = self.tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tokenize=False,
+                                                      add_generation_prompt=True)
+            return await self._respond(body, [self._encode(text, "messages", special=False)], chat=True)
+
+        return app
+
+    # ---- request handling
+    def _encode(self, text: str, param: str, special: bool = True) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
+        if not ids:
+            raise APIError(400, f"{param} is empty: give at least one token of text", param)
+        return ids
+
+    def _batch(self, body: _Sampling, prompts: list[list[int]]) -> Batch:
+        context = self.config.max_pos_seq_len
+        longest = max(len(p) for p in prompts)
+        max_tokens = body.max_tokens if body.max_tokens is not None else context - longest
+        checks = [
+            (max_tokens < 1, "max_tokens", f"max_tokens must be at least 1, got {max_tokens}"),
+            (longest + max_tokens > context, "max_tokens",
+             f"this model's maximum context length is {context} tokens; the prompt has {longest} and max_tokens "
+             f"asks for {max_tokens} more"),
+            (body.temperature < 0 or body.temperature > 2, "temperature",
+             f"temperature must be in [0, 2], got {body.temperature}"),
+            (not 0 < body.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {body.top_p}"),
+            (body.top_k < -1 or body.top_k > self.config.vocab_size, "top_k",
+             f"top_k must be -1, 0 or up to the vocabulary size {self.config.vocab_size}, got {body.top_k}"),
+            (not 1 <= body.n <= 16, "n", f"n must be between 1 and 16, got {body.n}"),
+            (body.frequency_penalty != 0, "frequency_penalty",
+             "frequency_penalty is not supported; use presence_penalty or repetition_penalty"),
+            (not -2 <= body.presence_penalty <= 2, "presence_penalty",
+             f"presence_penalty must be in [-2, 2], got {body.presence_penalty}"),
+            (body.repetition_penalty <= 0, "repetition_penalty",
+             f"repetition_penalty must be positive, got {body.repetition_penalty}"),
+            (body.presence_penalty != 0 and body.repetition_penalty != 1, "presence_penalty",
+             "presence_penalty and repetition_penalty cannot be combined"),
+            (body.seed is not None and not 0 <= body.seed < 2**63, "seed", f"seed must be in [0, 2^63), got {body.seed}"),
+            (isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool) and not 0 <= body.logprobs <= 1,
+             "logprobs", "only the sampled token's log-probability is available: logprobs must be 0 or 1"),
+        ]
+        for failed, param, message in checks:
+            if failed:
+                raise APIError(400, message, param)
+        greedy = body.temperature == 0
+        rows = [p for p in prompts for _ in range(body.n)]
+        seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
+        seeds = [seed + i for _ in prompts for i in range(body.n)]
+        end_id = -1 if body.ignore_eos else self.config.end_id
+        return Batch.make(rows, max_tokens, end_id=end_id, top_k=1 if greedy else max(body.top_k, 0),
+                          top_p=0.0 if greedy else float(body.top_p), temperature=max(body.temperature, 1e-6),
+                          repetition_penalty=float(body.repetition_penalty),
+                          presence_penalty=float(body.presence_penalty), seed=seeds)
+
+    async def _respond(self, body: _Sampling, prompts: list[list[int]], chat: bool):
+        batch = self._batch(body, prompts)
+        if self.in_flight >= self.max_concurrent:
+            self.engine.metrics.requests.labels("rejected").inc()
+            raise APIError(429, "the server is overloaded: too many requests in flight, retry later",
+                           kind="server_overloaded")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        stream = _Stream(self, batch, stops, chat, body)
+        self.in_flight += 1
+        try:
+            stream.start()
+        except ServerStopping as exc:
+            self.in_flight -= 1
+            raise APIError(503, str(exc), kind="server_stopping") from None
+        if body.stream:
+            return StreamingResponse(stream.sse(), media_type="text/event-stream")
+        try:
+            return await stream.complete()
+        finally:
+            self.in_flight -= 1
+
+
+class _Stream:
+    """One request in flight: engine tokens -> per-choice text deltas, stop strings, usage."""
+
+    def __init__(self, server: OpenAIServer, batch: Batch, stops: list[str], chat: bool, body: _Sampling):
+        self.server, self.batch, self.stops, self.chat, self.body = server, batch, stops, chat, body
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        n = batch.size
+        self.tokens = [[] for _ in range(n)]
+        self.logprobs = [[] for _ in range(n)]
+        self.texts = [""] * n
+        self.sent = [0] * n  # characters of texts already sent
+        self.finish = [None] * n
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        running = np.ones(self.batch.size, dtype=bool)
+
+        def on_token(step, tokens, reasons):  # a row's token counts if the row was running before it
+            loop.call_soon_threadsafe(self.queue.put_nowait, ("token", tokens.copy(), running.copy()))
+            running[:] = reasons == 0
+
+        future = self.server.engine.submit_async(self.batch, on_token)
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self.queue.put_nowait, ("done", f, None)))
+
+    async def _events(self):
+        """Yield (row, delta) as text becomes final, then finish reasons; returns when the engine is done."""
+        while True:
+            kind, payload, counts = await self.queue.get()
+            if kind == "done":
+                output = payload.result()  # raises the engine's error, if any
+                self._finish(output)
+                for row in range(self.batch.size):
+                    delta = self.texts[row][self.sent[row]:]
+                    self.sent[row] = len(self.texts[row])
+                    yield row, delta, self.finish[row]
+                return
+            for row, token in enumerate(payload):
+                if not counts[row] or self.finish[row] is not None:
+                    continue
+                if token == self.batch.end_id[row]:
+                    self.finish[row] = "stop"
+                    continue
+                self.tokens[row].append(int(token))
+                delta = self._advance(row)
+                if delta:
+                    yield row, delta, None
+
+    def _advance(self, row: int) -> str:
+        text = self.server.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        for stop in self.stops:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, self.finish[row] = text[:cut], "stop"
+        self.texts[row] = text
+        safe = len(text) if self.finish[row] else len(text.rstrip("\ufffd"))
+        # hold back what a stop string might still claim
+        hold = max((len(s) - 1 for s in self.stops), default=0) if not self.finish[row] else 0
+        safe = max(self.sent[row], safe - hold)
+        delta = text[self.sent[row]:safe]
+        self.sent[row] = safe
+        return delta
+
+    def _finish(self, output) -> None:
+        for row in range(self.batch.size):
+            n = len(self.tokens[row])
+            if self.finish[row] is None:
+                self.finish[row] = "length" if n >= self.batch.output_lens[row] else "stop"
+            self.logprobs[row] = output.output_log_probs[row, :n].tolist()
+        self.output = output
+
+    def _usage(self) -> dict:
+        prompt = int(self.batch.lengths[:: self.body.n].sum())
+        completion = sum(len(t) for t in self.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _choice(self, row: int, text: str, finish, delta: bool) -> dict:
+        choice = {"index": row, "finish_reason": finish}
+        if self.chat:
+            choice["delta" if delta else "message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        if self.body.logprobs and finish is not None:
+            lps = self.logprobs[row]
+            toks = [self.server.tokenizer.decode([t]) for t in self.tokens[row]]
+            if self.chat:
+                choice["logprobs"] = {"content": [{"token": t, "logprob": lp, "top_logprobs": []}
+                                                  for t, lp in zip(toks, lps)]}
+            else:
+                choice["logprobs"] = {"tokens": toks, "token_logprobs": lps, "top_logprobs": None,
+                                      "text_offset": None}
+        return choice
+
+    async def complete(self) -> dict:
+        try:
+            async for _ in self._events():
+                pass
+        except RuntimeError as exc:
+            raise APIError(500, str(exc), kind="server_error") from None
+        choices = [self._choice(row, self.texts[row], self.finish[row], delta=False) for row in range(self.batch.size)]
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.server.model_name, "choices": choices, "usage": self._usage()}
+
+    async def sse(self):
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.server.model_name}
+        try:
+            async for row, delta, finish in self._events():
+                if delta or finish is not None:
+                    chunk = dict(head, choices=[self._choice(row, delta, finish, delta=True)])
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            if (self.body.stream_options or {}).get("include_usage"):
+                yield f"data: {json.dumps(dict(head, choices=[], usage=self._usage()))}\n\n"
+        except RuntimeError as exc:
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+        finally:
+            self.server.in_flight -= 1
+        yield "data: [DONE]\n\n"
+
+
+def _error(status: int, message: str, param: Optional[str], kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse(status_code=status,
+                        content={"error": {"message": message, "type": kind, "param": param, "code": status}})
+
