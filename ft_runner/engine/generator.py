@@ -41,12 +41,13 @@ class Batch:
     bad_words: np.ndarray  # int64 (B, 2, L)
 
     @classmethod
-    def make(cls, prompts: list[list[int]], output_lens, end_id: int, **per_row) -> "Batch":
-        """Build a batch from token lists; `per_row` values are scalars or sequences of length B
-        (word lists: per row a list of words, each a token list, or FT's (2, L) / (B, 2, L) arrays)."""
+    def make(cls, prompts: list[list[int]], output_lens, end_id, **per_row) -> "Batch":
+        """Build a batch from token lists; `end_id` and `per_row` values are scalars or sequences of
+        length B (word lists: per row a list of words, each a token list, or FT's (2, L) / (B, 2, L))."""
         B = len(prompts)
         lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-        ids = np.full((B, int(lengths.max())), end_id, dtype=np.int64)
+        end_id = np.broadcast_to(np.asarray(end_id, dtype=np.int64), (B,))
+        ids = np.repeat(end_id[:, None], int(lengths.max()), axis=1)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
         defaults = dict(end_id=end_id, top_k=0, top_p=0.0, temperature=1.0, repetition_penalty=1.0,

@@ -91,7 +91,7 @@ class Engine:
             job.timer.done(ok=False)
             self._fail_all(job, exc)
             raise EngineFailed(f"generation failed: {_first_line(exc)}") from exc
-        generated = output.sequence_lengths - job.batch.lengths
+        generated = output.sequence_lengths.reshape(job.batch.size, -1)[:, 0] - job.batch.lengths  # best beam
         reasons = ["length" if n >= want else "stop" for n, want in zip(generated, job.batch.output_lens)]
         job.timer.done(True, int(job.batch.lengths.sum()), int(generated.sum()), reasons)
         job.future.set_result(output)

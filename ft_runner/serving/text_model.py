@@ -1,10 +1,13 @@
-"""The text model of PyTriton's FasterTransformer example (ft_format.md §1.3).
+"""The text model of PyTriton's FasterTransformer example (ft_format.md §1.3), with FT's sampling inputs.
 
-inputs:  prompts bytes (1,), request_output_len uint32 (1,), beam_width uint32 (1,) optional
-outputs: sentences bytes (-1, 1), sequence_length int64 (-1,), cum_log_probs float32 (-1,)
-Each row keeps its own output length (the example took the first row's for the whole batch).
-`sentences` hold the prompt followed by the generation, as in the example; `sequence_length`
-counts tokens (the example counted characters).
+inputs:  prompts bytes (1,), request_output_len uint32 (1,), beam_width uint32 (1,) optional,
+         the optional per-row inputs of validation.py (FT's names: runtime_top_k, temperature, ...),
+         stop_words / bad_words bytes (-1,) optional: per row a list of strings, each one word.
+outputs: sentences bytes (-1, 1), sequence_length int64 (-1,), cum_log_probs float32 (-1,): one per beam;
+         output_log_probs float32 (-1, -1) (beam x new tokens) when a row sets is_return_log_probs.
+Every row keeps its own parameters and output length (the example took the first row's for the
+whole batch). `sentences` hold the prompt followed by the generation, as in the example;
+`sequence_length` counts tokens (the example counted characters).
 """
 
 from __future__ import annotations
@@ -12,72 +15,84 @@ from __future__ import annotations
 import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
-from ft_runner.engine.generator import Batch
+from ft_runner.engine.beam import with_beam_axis
 from ft_runner.serving.engine import Engine
+from ft_runner.serving.validation import (Limits, RequestError, Rows, check_rows, make_batch, per_row,
+                                          param_inputs, request_slices, row_params, text_word_lists)
 
+WORD_INPUTS = ("stop_words", "bad_words")
 INPUTS = [
     Tensor(name="prompts", shape=(1,), dtype=bytes),
     Tensor(name="request_output_len", shape=(1,), dtype=np.uint32),
-    Tensor(name="beam_width", shape=(1,), dtype=np.uint32, optional=True),
+    *param_inputs(),
+    *[Tensor(name=name, shape=(-1,), dtype=bytes, optional=True) for name in WORD_INPUTS],
 ]
 OUTPUTS = [
     Tensor(name="sentences", shape=(-1, 1), dtype=bytes),
     Tensor(name="sequence_length", shape=(-1,), dtype=np.int64),
     Tensor(name="cum_log_probs", shape=(-1,), dtype=np.float32),
+    Tensor(name="output_log_probs", shape=(-1, -1), dtype=np.float32),
 ]
 
+__all__ = ["INPUTS", "OUTPUTS", "RequestError", "TextModel", "text_rows"]
 
-class RequestError(ValueError):
-    """A request the server refuses; the message names the input, the value and what is allowed."""
+
+def text_rows(request, tokenizer, limits: Limits) -> Rows:
+    """A text request's rows, tokenized and checked."""
+    prompts = np.asarray(request["prompts"]).reshape(-1)
+    rows = len(prompts)
+    out_lens = per_row(request, "request_output_len", rows)
+    params = row_params(request, rows, limits)
+    start_ids = params["start_id"] if "start_id" in request.keys() else None
+    ids = [_tokenize(tokenizer, i, p, start_ids) for i, p in enumerate(prompts)]
+    words = {name: text_word_lists(request, name, rows, tokenizer) for name in WORD_INPUTS}
+    return check_rows(ids, out_lens, params, limits, "prompts", words["stop_words"], words["bad_words"])
+
+
+def _tokenize(tokenizer, i: int, prompt: bytes, start_ids) -> list[int]:
+    try:
+        text = prompt.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"prompts[{i}] is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    ids = tokenizer(text)["input_ids"]
+    if not ids:
+        if start_ids is None:
+            raise RequestError(f"prompts[{i}] is empty: give at least one token of text (or a start_id to start from)")
+        ids = [int(start_ids[i])]
+    return ids
+
+
+def pad_last(array: np.ndarray, width: int, fill=0) -> np.ndarray:
+    """`array` cut or padded with `fill` to `width` along its last axis."""
+    out = np.full((*array.shape[:-1], width), fill, dtype=array.dtype)
+    n = min(width, array.shape[-1])
+    out[..., :n] = array[..., :n]
+    return out
 
 
 class TextModel:
     def __init__(self, engine: Engine, tokenizer, config, max_batch_size: int = 128):
         self.engine = engine
         self.tokenizer = tokenizer
-        self.config = config
+        self.limits = Limits.of(config)
         self.model_config = ModelConfig(max_batch_size=max_batch_size)
 
     def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
-        rows = [self._rows(request) for request in requests]
-        prompts = [p for request_rows in rows for p, _ in request_rows]
-        out_lens = [n for request_rows in rows for _, n in request_rows]
-        out = self.engine.submit(Batch.make(prompts, out_lens, end_id=self.config.end_id))
-        texts = [self.tokenizer.decode(out.output_ids[i, : out.sequence_lengths[i]], skip_special_tokens=True)
-                 for i in range(len(prompts))]
-        responses, start = [], 0
-        for request_rows in rows:
-            end = start + len(request_rows)
-            responses.append({
-                "sentences": np.array([[[t.encode("utf-8")]] for t in texts[start:end]], dtype=object),
-                "sequence_length": out.sequence_lengths[start:end, None].astype(np.int64),
-                "cum_log_probs": out.cum_log_probs[start:end, None].astype(np.float32),
-            })
-            start = end
-        return responses
+        rows = [text_rows(request, self.tokenizer, self.limits) for request in requests]
+        out = with_beam_axis(self.engine.submit(make_batch(rows)))
+        return [self._response(r, out, s) for r, s in zip(rows, request_slices(rows))]
 
-    def _rows(self, request) -> list[tuple[list[int], int]]:
-        prompts = request["prompts"].reshape(-1)
-        out_lens = request["request_output_len"].reshape(-1)
-        beams = request["beam_width"].reshape(-1) if "beam_width" in request.keys() else np.ones_like(out_lens)
-        return [self._row(i, p, int(n), int(b)) for i, (p, n, b) in enumerate(zip(prompts, out_lens, beams))]
-
-    def _row(self, i: int, prompt: bytes, out_len: int, beam: int) -> tuple[list[int], int]:
-        context = self.config.max_pos_seq_len
-        try:
-            text = prompt.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RequestError(f"prompts[{i}] is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-        ids = self.tokenizer(text)["input_ids"]
-        if not ids:
-            raise RequestError(f"prompts[{i}] is empty: give at least one token of text")
-        if beam != 1:
-            raise RequestError(f"beam_width[{i}] = {beam} is not supported: only 1 (greedy/sampling)")
-        if not 1 <= out_len <= context:
-            raise RequestError(f"request_output_len[{i}] = {out_len} must be between 1 and {context}")
-        if len(ids) + out_len > context:
-            raise RequestError(
-                f"prompts[{i}] has {len(ids)} tokens; with request_output_len {out_len} that is "
-                f"{len(ids) + out_len}, over the model's context of {context} tokens")
-        return ids, out_len
+    def _response(self, rows: Rows, out, rows_slice: slice) -> dict:
+        W = rows.beam_width
+        ids, lengths = out.output_ids[rows_slice, :W], out.sequence_lengths[rows_slice, :W]
+        sentences = [[[self.tokenizer.decode(ids[b, w, : lengths[b, w]], skip_special_tokens=True).encode("utf-8")]
+                      for w in range(W)] for b in range(len(rows))]
+        response = {
+            "sentences": np.array(sentences, dtype=object),
+            "sequence_length": lengths.astype(np.int64),
+            "cum_log_probs": out.cum_log_probs[rows_slice, :W].astype(np.float32),
+        }
+        if rows.return_log_probs:
+            response["output_log_probs"] = pad_last(out.output_log_probs[rows_slice, :W], max(rows.output_lens))
+        return response

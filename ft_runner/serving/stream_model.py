@@ -1,0 +1,105 @@
+"""The streaming text model: decoupled, one response per generated token.
+
+inputs:  those of the text model (text_model.py); beam_width must be 1.
+outputs, one value per row of the request in every response:
+  token_id int32 (1,): this step's token, -1 for a row that had already finished;
+  text bytes (1,): the new text (a token that ends inside a UTF-8 character waits for the next);
+  finish_reason bytes (1,): "" while the row runs, then why it stopped: "length", "end_id" or
+    "stop_word" (kept in the row's later responses);
+  sequence_length int64 (1,), cum_log_probs float32 (1,): in the last response only.
+The prompt followed by the concatenated texts equals the text model's sentence. Clients: PyTriton's
+DecoupledModelClient, tritonclient gRPC `start_stream`, or Triton's HTTP
+`POST /v2/models/<name>/generate_stream` (server-sent events, one per response).
+"""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+from pytriton.model_config import ModelConfig, Tensor
+
+from ft_runner.engine.sampler import Finish
+from ft_runner.serving.engine import Engine
+from ft_runner.serving.text_model import INPUTS, text_rows
+from ft_runner.serving.validation import Limits, RequestError, make_batch
+
+OUTPUTS = [
+    Tensor(name="token_id", shape=(1,), dtype=np.int32),
+    Tensor(name="text", shape=(1,), dtype=bytes),
+    Tensor(name="finish_reason", shape=(1,), dtype=bytes),
+    Tensor(name="sequence_length", shape=(1,), dtype=np.int64),
+    Tensor(name="cum_log_probs", shape=(1,), dtype=np.float32),
+]
+
+__all__ = ["INPUTS", "OUTPUTS", "StreamModel"]
+
+
+class _Detokenizer:
+    """Each row's text so far; `add` returns the text a new token adds."""
+
+    def __init__(self, tokenizer, prompts: list[list[int]]):
+        self.tokenizer = tokenizer
+        self.ids = [list(p) for p in prompts]
+        self.sent = [self._decode(p) for p in prompts]
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, row: int, token: int, last: bool) -> str:
+        self.ids[row].append(int(token))
+        text = self._decode(self.ids[row])
+        if text.endswith("\ufffd") and not last:  # a UTF-8 character split across tokens
+            return ""
+        delta = text[len(self.sent[row]):]
+        self.sent[row] = text
+        return delta
+
+
+class StreamModel:
+    def __init__(self, engine: Engine, tokenizer, config, max_batch_size: int = 128):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.limits = Limits.of(config)
+        # no dynamic batcher: every call holds one request, so every response belongs to it alone
+        self.model_config = ModelConfig(max_batch_size=max_batch_size, batcher=None, decoupled=True)
+
+    def infer(self, requests):
+        """PyTriton decoupled callable: yields one list of responses (one per request) per step."""
+        if len(requests) != 1:
+            raise RequestError(f"the streaming model takes one request per call, got {len(requests)}")
+        yield from ([response] for response in self._stream(requests[0]))
+
+    def _stream(self, request):
+        rows = text_rows(request, self.tokenizer, self.limits)
+        if rows.beam_width != 1:
+            raise RequestError(f"beam_width[0] = {rows.beam_width} is not allowed here: streaming sends one "
+                               "token per step, so it needs beam_width 1 (use the non-streaming model for beams)")
+        events: queue.Queue = queue.Queue()
+        future = self.engine.submit_async(make_batch([rows]), on_token=lambda *event: events.put(event))
+        future.add_done_callback(lambda _: events.put(None))
+        texts = _Detokenizer(self.tokenizer, rows.prompts)
+        before = np.zeros(len(rows), dtype=np.int64)  # Finish codes before this step
+        while (event := events.get()) is not None:
+            _, tokens, reasons = event
+            response = self._response(texts, tokens, before, reasons)
+            if (reasons != Finish.RUNNING).all():
+                out = future.result()
+                response["sequence_length"] = out.sequence_lengths[:, None].astype(np.int64)
+                response["cum_log_probs"] = out.cum_log_probs[:, None].astype(np.float32)
+            yield response
+            before = reasons
+        future.result()  # a failed generation ends the stream with its error
+
+    def _response(self, texts: _Detokenizer, tokens, before, reasons) -> dict:
+        token_ids, deltas, labels = [], [], []
+        for row, (token, was, now) in enumerate(zip(tokens, before, reasons)):
+            running = was == Finish.RUNNING
+            token_ids.append(int(token) if running else -1)
+            deltas.append(texts.add(row, token, now != Finish.RUNNING).encode("utf-8") if running else b"")
+            labels.append(Finish(int(now)).label.encode("utf-8"))
+        return {
+            "token_id": np.array(token_ids, dtype=np.int32)[:, None],
+            "text": np.array(deltas, dtype=object)[:, None],
+            "finish_reason": np.array(labels, dtype=object)[:, None],
+        }
