@@ -8,6 +8,8 @@ import queue
 import threading
 from typing import Callable, Optional
 
+import numpy as np
+
 from ft_runner.engine.generator import Batch, Generator, Output
 from ft_runner.serving.metrics import Metrics, RequestTimer
 from ft_runner.serving.protocol import Channel
@@ -33,9 +35,11 @@ class Engine:
     """Serving threads `submit` batches; `run` (on the main thread) executes them one by one,
     first telling every other rank what to run so their collectives match rank 0's."""
 
-    def __init__(self, generator: Generator, channel: Channel, metrics: Optional[Metrics] = None):
+    def __init__(self, generator: Generator, channel: Channel, metrics: Optional[Metrics] = None,
+                 max_rows: int = 128):
         self.generator = generator
         self.channel = channel
+        self.max_rows = max_rows
         self.metrics = metrics or Metrics()
         self.jobs: queue.Queue[_Job] = queue.Queue()
         self.accepting = True
@@ -65,36 +69,61 @@ class Engine:
                 continue
             if stop.is_set():
                 self._close()
-            self._execute(job)
+            self._execute(self._gather(job))
         self._close()
         while not self.jobs.empty():
-            self._execute(self.jobs.get())
+            self._execute(self._gather(self.jobs.get()))
         if self.channel.comm.Get_size() > 1:
             self.channel.send_stop()
 
-    def _execute(self, job: _Job) -> None:
-        if self.channel.comm.Get_size() > 1:
-            self.channel.send_generate(job.batch)
-        job.timer.started()
+    def _gather(self, first: _Job) -> list[_Job]:
+        """`first` and the jobs queued right behind it, up to max_rows rows: one generation batch.
 
-        running = [job.batch.size]  # rows whose token of this step still counts
+        Requests that arrive while a batch runs are thus batched together whichever API sent them.
+        Beam-search jobs run alone (their outputs have one row per beam)."""
+        jobs, rows = [first], first.batch.size
+        while _mergeable(jobs[-1]):
+            with self.jobs.mutex:
+                head = self.jobs.queue[0] if self.jobs.queue else None
+                if head is None or not _mergeable(head) or rows + head.batch.size > self.max_rows:
+                    break
+                self.jobs.queue.popleft()
+            jobs.append(head)
+            rows += head.batch.size
+        return jobs
+
+    def _execute(self, jobs: list[_Job]) -> None:
+        batch = jobs[0].batch if len(jobs) == 1 else concat_batches([j.batch for j in jobs])
+        spans = np.cumsum([0] + [j.batch.size for j in jobs])
+        if self.channel.comm.Get_size() > 1:
+            self.channel.send_generate(batch)
+        for job in jobs:
+            job.timer.started()
+        running = [j.batch.size for j in jobs]  # per job: rows whose token of this step still counts
 
         def on_token(step, tokens, reasons):
-            job.timer.token(running[0])
-            running[0] = int((reasons == 0).sum())
-            if job.on_token is not None:
-                job.on_token(step, tokens, reasons)
+            for i, job in enumerate(jobs):
+                a, b = spans[i], spans[i + 1]
+                if running[i] == 0:
+                    continue
+                job.timer.token(running[i])
+                running[i] = int((reasons[a:b] == 0).sum())
+                if job.on_token is not None:
+                    job.on_token(step, tokens[a:b], reasons[a:b])
 
         try:
-            output = self.generator.generate(job.batch, on_token=on_token)
+            output = self.generator.generate(batch, on_token=on_token)
         except Exception as exc:  # ranks may now be out of step: fail every request, the caller ends the job
-            job.timer.done(ok=False)
-            self._fail_all(job, exc)
+            for job in jobs:
+                job.timer.done(ok=False)
+            self._fail_all(jobs, exc)
             raise EngineFailed(f"generation failed: {_first_line(exc)}") from exc
-        generated = output.sequence_lengths.reshape(job.batch.size, -1)[:, 0] - job.batch.lengths  # best beam
-        reasons = ["length" if n >= want else "stop" for n, want in zip(generated, job.batch.output_lens)]
-        job.timer.done(True, int(job.batch.lengths.sum()), int(generated.sum()), reasons)
-        job.future.set_result(output)
+        for i, job in enumerate(jobs):
+            part = output if len(jobs) == 1 else split_output(output, spans[i], spans[i + 1], job.batch)
+            generated = part.sequence_lengths.reshape(job.batch.size, -1)[:, 0] - job.batch.lengths  # best beam
+            reasons = ["length" if n >= want else "stop" for n, want in zip(generated, job.batch.output_lens)]
+            job.timer.done(True, int(job.batch.lengths.sum()), int(generated.sum()), reasons)
+            job.future.set_result(part)
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on; the queued ones still run (a drain). Safe from a signal handler."""
@@ -105,17 +134,54 @@ class Engine:
             self.accepting = False
             self.refusal = refusal or self.refusal
 
-    def _fail_all(self, job: _Job, exc: Exception) -> None:
-        """Fail `job` and every queued job with one clear message, and refuse new ones."""
+    def _fail_all(self, jobs: list[_Job], exc: Exception) -> None:
+        """Fail `jobs` and every queued job with one clear message, and refuse new ones."""
         message = (f"generation failed on the rank grid ({_first_line(exc)}); "
                    "the server is ending the job: restart it and retry")
         self._close(message)
-        job.future.set_exception(RuntimeError(message))
+        for job in jobs:
+            job.future.set_exception(RuntimeError(message))
         while not self.jobs.empty():
             queued = self.jobs.get()
             queued.timer.started()
             queued.timer.done(ok=False)
             queued.future.set_exception(ServerStopping(message))
+
+
+def _mergeable(job: _Job) -> bool:
+    return bool((job.batch.beam_width == 1).all())
+
+
+def concat_batches(batches: list[Batch]) -> Batch:
+    """Rows of several batches as one: prompts right-padded to the longest, word lists to the widest."""
+    width = max(b.input_ids.shape[1] for b in batches)
+    fields = {}
+    for field in dataclasses.fields(Batch):
+        arrays = [getattr(b, field.name) for b in batches]
+        if field.name == "input_ids":
+            arrays = [np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=b.end_id[0] if b.size else 0)
+                      for a, b in zip(arrays, batches)]
+        elif arrays[0].ndim == 3:  # FT word lists (B, 2, L): ids padded with 0, offsets with -1
+            longest = max(a.shape[2] for a in arrays)
+            arrays = [np.concatenate([np.pad(a[:, :1], ((0, 0), (0, 0), (0, longest - a.shape[2]))),
+                                      np.pad(a[:, 1:], ((0, 0), (0, 0), (0, longest - a.shape[2])),
+                                             constant_values=-1)], axis=1) for a in arrays]
+        fields[field.name] = np.concatenate(arrays)
+    return Batch(**fields)
+
+
+def split_output(output: Output, start: int, end: int, batch: Batch) -> Output:
+    """Rows [start, end) of a merged batch's output, shaped as if their batch had run alone."""
+    steps = int((output.sequence_lengths[start:end] - batch.lengths).max())
+    fields = {}
+    for field in dataclasses.fields(Output):
+        array = getattr(output, field.name)[start:end]
+        if field.name == "output_ids":
+            array = array[:, : batch.input_ids.shape[1] + steps]
+        elif field.name == "output_log_probs":
+            array = array[:, :steps]
+        fields[field.name] = array
+    return Output(**fields)
 
 
 def _first_line(exc: Exception) -> str:

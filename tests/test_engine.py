@@ -1,0 +1,63 @@
+"""Rank 0's engine: requests queued together run as one batch, and each gets exactly what it
+would have got alone (tokens, lengths, log-probs, streamed tokens)."""
+
+import threading
+
+import numpy as np
+import pytest
+import transformers
+
+from ft_runner import parallel
+from ft_runner.checkpoint.convert import convert
+from ft_runner.checkpoint.load import load_stage
+from ft_runner.engine.generator import Batch, Generator
+from ft_runner.serving.engine import Engine
+from ft_runner.serving.protocol import Channel
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_gpt2, tmp_path_factory):
+    runtime = parallel.init_runtime(1, 1, "cpu")
+    ckpt = convert(tiny_gpt2, tmp_path_factory.mktemp("ft"), 1)
+    return Generator(load_stage(ckpt, runtime.grid, None, "fp32", runtime.device), runtime), runtime
+
+
+def test_queued_jobs_are_merged_and_split_back_exactly(generator, tiny_gpt2):
+    gen, runtime = generator
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_gpt2)
+    end = tok.eos_token_id
+    batches = [
+        Batch.make([tok("Thank you for")["input_ids"]], 9, end_id=end),
+        Batch.make([tok("x")["input_ids"], tok("The class statement defines")["input_ids"]], [3, 12], end_id=end,
+                   top_k=5, temperature=0.8, seed=[1, 2]),
+        Batch.make([tok("Q: Are you going for lunch?")["input_ids"]], 5, end_id=end, stop_words=[[[11, 12]]]),
+    ]
+    alone = [gen.generate(b) for b in batches]
+    engine = Engine(gen, Channel(runtime.comm))
+    streams = [[] for _ in batches]
+    futures = [engine.submit_async(b, on_token=lambda step, t, r, i=i: streams[i].append(t.copy()))
+               for i, b in enumerate(batches)]
+    gathered = engine._gather(engine.jobs.get())
+    assert [j.batch for j in gathered] == batches, "all three queued jobs run as one batch"
+    engine._execute(gathered)
+    for batch, solo, future, stream in zip(batches, alone, futures, streams):
+        got = future.result(0)
+        np.testing.assert_array_equal(got.output_ids, solo.output_ids)
+        np.testing.assert_array_equal(got.sequence_lengths, solo.sequence_lengths)
+        np.testing.assert_allclose(got.output_log_probs, solo.output_log_probs, atol=1e-5)
+        streamed = np.stack(stream, axis=1)[:, : solo.output_log_probs.shape[1]]
+        for row in range(batch.size):
+            new = solo.sequence_lengths[row] - batch.lengths[row]
+            np.testing.assert_array_equal(streamed[row, :new], solo.output_ids[row, batch.lengths[row]:][:new])
+
+
+def test_run_drains_the_queue_then_stops(generator):
+    gen, runtime = generator
+    engine = Engine(gen, Channel(runtime.comm))
+    stop = threading.Event()
+    future = engine.submit_async(Batch.make([[5, 6, 7]], 4, end_id=-1))
+    stop.set()
+    engine.run(stop)
+    assert future.result(0).sequence_lengths.tolist() == [7]
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.submit_async(Batch.make([[5]], 1, end_id=-1))
