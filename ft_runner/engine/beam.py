@@ -186,15 +186,8 @@ class BeamSearch:
         dev = running.device
         if logits is not None:
             logp = torch.log_softmax(state.process(logits, params, step, end_id), dim=-1)
-            V = logp.shape[1]
-            total = logp.view(B, W, V) + running[:, :, None]
-            top, index = total.topk(min(K, V), dim=-1)  # (B, W, k): each beam's best
-            rank = torch.arange(top.shape[2], device=dev, dtype=top.dtype)
-            rate = torch.from_numpy(self.batch.diversity_rate).to(dev)
-            key = (top + rate[:, None, None] * rank).view(B, -1)
-            pick = key.topk(K, dim=1).indices
-            score = top.view(B, -1).gather(1, pick).contiguous()
-            flat_id = ((pick // top.shape[2]) * V + index.view(B, -1).gather(1, pick)).contiguous()
+            total = logp.view(B, W, -1) + running[:, :, None]
+            score, flat_id = rank_candidates(total, torch.from_numpy(self.batch.diversity_rate).to(dev), K)
         else:
             score = torch.empty((B, K), dtype=torch.float32, device=dev)
             flat_id = torch.empty((B, K), dtype=torch.int64, device=dev)
@@ -226,6 +219,21 @@ class BeamSearch:
                 lp_out[b, w, :k] = lp[b, w, :k]
         return Output(out_ids, batch.lengths[:, None] + length, lp_out.sum(axis=2), lp_out,
                       pool.reason.cpu().numpy())
+
+
+def rank_candidates(total: torch.Tensor, rate: torch.Tensor, count: int):
+    """total (B, W, V): each beam's score after each next token -> the best `count` continuations of
+    each row, in rank order: (raw scores (B, count), flat ids parent * V + token (B, count)).
+
+    FT's diversity: a candidate ranks by score + rate * (its rank among its own beam's candidates)."""
+    B, W, V = total.shape
+    top, index = total.topk(min(count, V), dim=-1)  # (B, W, k): each beam's best
+    rank = torch.arange(top.shape[2], device=total.device, dtype=top.dtype)
+    key = (top + rate[:, None, None] * rank).view(B, -1)
+    pick = key.topk(count, dim=1).indices
+    score = top.view(B, -1).gather(1, pick).contiguous()
+    flat_id = ((pick // top.shape[2]) * V + index.view(B, -1).gather(1, pick)).contiguous()
+    return score, flat_id
 
 
 def _reorder_cache(cache, source: torch.Tensor) -> None:

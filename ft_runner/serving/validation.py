@@ -123,27 +123,36 @@ def per_row(request, name: str, rows: int) -> Optional[np.ndarray]:
 
 def row_params(request, rows: int, limits: Limits, exclude: tuple = ()) -> dict:
     """Every optional per-row input of a request, checked, with defaults for the absent ones."""
-    present = {p.name for p in PARAMS if p.name in request.keys()}
-    if {"repetition_penalty", "presence_penalty"} <= present:
-        raise RequestError("repetition_penalty and presence_penalty are mutually exclusive (as in FT): "
-                           "send only one of them")
-    unsupported = sorted(present & set(exclude))
+    present = [p.name for p in PARAMS if p.name in request.keys()]
+    unsupported = sorted(set(present) & set(exclude))
     if unsupported:
         raise RequestError(f"{unsupported[0]} is not supported by this model")
-    params = {}
-    for p in PARAMS:
-        values = per_row(request, p.name, rows)
-        if values is None:
-            values = np.full(rows, p.default(limits), dtype=p.dtype)
-        for i, v in enumerate(values):
-            rule = p.allowed(float(v) if p.dtype != np.uint64 else int(v), limits)
-            if rule is not None:
-                raise RequestError(f"{p.name}[{i}] = {_show(v)} is not allowed: it must be {rule}")
-        params[p.name] = values
+    params = check_params({name: per_row(request, name, rows) for name in present}, rows, limits)
     widths = sorted(set(params["beam_width"].tolist()))
     if len(widths) > 1:
         raise RequestError(f"beam_width must be the same for every row of a request (got {widths}); "
                            "send rows with other widths as separate requests")
+    return params
+
+
+def check_params(given: dict, rows: int, limits: Limits) -> dict:
+    """Checked values (rows,) for every name in PARAMS, from `given` (name -> values, any numeric
+    dtype) or the defaults."""
+    if given.get("repetition_penalty") is not None and given.get("presence_penalty") is not None:
+        raise RequestError("repetition_penalty and presence_penalty are mutually exclusive (as in FT): "
+                           "give only one of them")
+    params = {}
+    for p in PARAMS:
+        values = given.get(p.name)
+        if values is None:
+            params[p.name] = np.full(rows, p.default(limits), dtype=p.dtype)
+            continue
+        values = np.asarray(values).reshape(rows)
+        for i, v in enumerate(values):
+            rule = p.allowed(int(v) if p.dtype in (np.uint32, np.uint64) else float(v), limits)
+            if rule is not None:
+                raise RequestError(f"{p.name}[{i}] = {_show(v)} is not allowed: it must be {rule}")
+        params[p.name] = values.astype(np.int64).astype(p.dtype) if p.dtype == np.uint64 else values.astype(p.dtype)
     return params
 
 
