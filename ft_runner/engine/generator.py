@@ -2,19 +2,35 @@
 
 Every rank calls `generate` with the same Batch. Pipeline stages hand activations to the next
 stage; the last stage samples and broadcasts the new tokens to every rank, so all ranks agree on
-when to stop without any extra message.
+when to stop without any extra message (with one stage, every rank holds the gathered logits and
+greedy decoding needs no broadcast at all).
+
+The decode step (engine/decode.py: fused kernels; engine/step_state.py: its device-side
+bookkeeping) reads no host value that changes per step, so on a GPU it runs as a CUDA graph
+replayed once per token (engine/cuda_graph.py), over a KV cache that lives across batches. The
+host learns each step's tokens a few steps late through pinned memory (TokenStream): enough to
+stop and to stream, never a stall.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ft_runner.engine import decode
+from ft_runner.engine.cuda_graph import StepGraphs, padded_batch
 from ft_runner.engine.kv_cache import KVCache
-from ft_runner.engine.sampler import DecodeState, Finish, SamplingParams, sample, word_list_batch
+from ft_runner.engine.sampler import DecodeState, SamplingParams, sample, word_list_batch
+from ft_runner.engine.step_state import StepState, TokenStream
+from ft_runner.kernels import ops
+
+CACHE_GRANULE = 256  # the persistent KV cache grows in steps of this many positions
+STREAM_LAG = 4  # steps the host may run ahead of the tokens it has seen
 
 WORD_LISTS = ("stop_words", "bad_words")
 
@@ -85,6 +101,17 @@ class Generator:
         self.grid = runtime.grid
         self.device = runtime.device
         self.dtype = next(model.parameters()).dtype
+        self.vocab = model.config.vocab_size
+        reason = decode.unsupported_reason(model)
+        if reason or os.environ.get("FT_RUNNER_DECODER") == "module":
+            self.decoder = decode.ModuleDecoder(self)
+        else:
+            self.decoder = decode.FusedDecoder(model, runtime)
+        graphs = (self.device.type == "cuda" and self.grid.pp == 1 and isinstance(self.decoder, decode.FusedDecoder)
+                  and os.environ.get("FT_RUNNER_CUDA_GRAPHS", "1") != "0")
+        self.graphs = StepGraphs() if graphs else None
+        self._kv: Optional[KVCache] = None  # with graphs: one cache for every batch, grown on demand
+        self._states: dict[int, StepState] = {}  # with graphs: the step state of each padded batch size
 
     @torch.inference_mode()
     def generate(self, batch: Batch, on_token=None) -> Output:
@@ -95,38 +122,84 @@ class Generator:
             from ft_runner.engine import beam  # beam.py builds on this module
 
             return beam.generate(self, batch)
-        dev, B = self.device, batch.size
-        lengths = torch.from_numpy(batch.lengths).to(dev)
-        out_lens = torch.from_numpy(batch.output_lens).to(dev)
-        end_id = torch.from_numpy(batch.end_id).to(dev)
-        params = self._params(batch)
+        B, S = batch.input_ids.shape
         max_new = int(batch.output_lens.max())
-        cache = self._cache(B, max(batch.input_ids.shape[1], int((batch.lengths + batch.output_lens).max())))
-        state = DecodeState(batch, self.model.config.vocab_size, dev)
+        mode = _mode(batch)
+        state, cache = self._resources(B, max(S, int((batch.lengths + batch.output_lens).max())), max_new, mode)
+        state.load(batch)
+        history = DecodeState(batch, self.vocab, self.device) if mode == "eager" else None
 
-        ids = torch.from_numpy(batch.input_ids).to(dev)
-        positions = torch.arange(ids.shape[1], device=dev).expand(B, -1)
-        logits = self._forward(ids, positions, lengths, cache, lengths - 1, prefill=True)
-        new_tokens = torch.full((B, max_new), -1, dtype=torch.int64, device=dev)
-        logprobs = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
-        reasons = torch.zeros(B, dtype=torch.int64, device=dev)  # Finish codes; 0 while running
-        produced = torch.zeros(B, dtype=torch.int64, device=dev)
-        steps = 0
-        for step in range(max_new):
-            tokens, lp = self._next_tokens(logits, state, params, step, end_id)
-            finished = reasons != Finish.RUNNING
-            tokens = torch.where(finished, end_id, tokens)
-            new_tokens[:, step], logprobs[:, step] = tokens, torch.where(finished, 0.0, lp)
-            produced += ~finished
-            reasons = torch.where(finished, reasons, state.finish(tokens, step, out_lens, end_id))
-            if on_token is not None:
-                on_token(step, tokens.cpu().numpy(), reasons.cpu().numpy())
-            steps += 1
-            if bool((reasons != Finish.RUNNING).all()):
+        ids = torch.from_numpy(batch.input_ids).to(self.device)
+        lengths = state.lengths[:B]
+        positions = torch.arange(S, device=self.device).expand(B, -1)
+        logits = self._forward(ids, positions, lengths, cache.rows(B), lengths - 1, prefill=True)
+        self._choose(_pad_rows(logits, state.rows), state, history, mode)
+        stream = TokenStream(state, B, on_token, lag=STREAM_LAG if self.device.type == "cuda" else 0)
+        stream.push(0)
+        rows = cache.rows(state.rows)
+
+        def step():
+            self._choose(self.decoder.logits(state.next_tokens, state.positions, rows), state, history, mode)
+
+        for index in range(1, max_new):
+            if stream.done:
                 break
-            pos = (lengths + step).clamp_max(cache.k.shape[3] - 1)  # finished rows idle in their last slot
-            logits = self._forward(tokens[:, None], pos[:, None], pos, cache, torch.zeros_like(pos), prefill=False)
-        return self._output(batch, new_tokens[:, :steps], logprobs[:, :steps], produced, reasons)
+            if self.graphs is not None and mode != "eager":
+                self.graphs.run((state.rows, mode), step, state)
+            else:
+                step()
+            stream.push(index)
+        stream.flush()
+        steps = stream.steps or max_new
+        return self._output(batch, state.tokens[:steps, :B].T, state.logprobs[:steps, :B].T, state.produced[:B],
+                            state.reasons[:B])
+
+    def _resources(self, B: int, need: int, max_new: int, mode: str) -> tuple[StepState, KVCache]:
+        """(StepState, KVCache) for a batch; with CUDA graphs both persist across batches (the graphs
+        hold their addresses), padded to the batch ladder."""
+        if self.graphs is None:
+            self.decoder.prepare(need)
+            return StepState.allocate(B, max(max_new, 1), need - 1, self.device), self._cache(B, need)
+        rows = padded_batch(B) if mode != "eager" else B
+        if self._kv is None or self._kv.batch < rows or self._kv.max_len < need:
+            self._grow(rows, need)
+        T = self._kv.max_len
+        if mode == "eager":  # not captured: a fresh state of exactly B rows, as DecodeState has
+            return StepState.allocate(B, T, T - 1, self.device), self._kv
+        if rows not in self._states:
+            self._states[rows] = StepState.allocate(rows, T, T - 1, self.device)
+        return self._states[rows], self._kv
+
+    def _grow(self, rows: int, need: int) -> None:
+        """A larger persistent cache; every graph and step state made for the old one goes."""
+        old_rows, old_len = (self._kv.batch, self._kv.max_len) if self._kv is not None else (0, 0)
+        self._kv = None
+        self._states.clear()
+        self.graphs.clear()
+        length = -(-max(need, old_len) // CACHE_GRANULE) * CACHE_GRANULE
+        length = min(length, max(need, old_len, self.model.config.max_pos_seq_len))  # learned positions end there
+        self._kv = self._cache(max(rows, old_rows), length)
+        self.decoder.prepare(length)
+
+    def _choose(self, logits, state: StepState, history: Optional[DecodeState], mode: str) -> None:
+        """This step's token for every row, from the last stage's logits, recorded on every rank."""
+        if mode == "greedy" and self.grid.pp == 1:  # every rank holds the gathered logits: no broadcast
+            ops.greedy_step(logits, self.vocab, state)
+            return
+        if logits is not None:
+            full = decode.full_logits(logits, self.vocab)
+            if history is not None:
+                processed = history.process(full, state.params, state.step, state.end_id)
+            else:
+                processed = full / state.params.temperature[:, None]
+            tokens, lp = sample(processed, state.params, state.step)
+        else:
+            tokens = torch.empty(state.rows, dtype=torch.int64, device=self.device)
+            lp = torch.empty(state.rows, dtype=torch.float32, device=self.device)
+        if self.grid.world > 1:
+            dist.broadcast(tokens, src=self.grid.sampler_rank)
+            dist.broadcast(lp, src=self.grid.sampler_rank)
+        state.record(tokens, lp, history)
 
     def _params(self, batch: Batch) -> SamplingParams:
         t = {f.name: torch.from_numpy(getattr(batch, f.name)).to(self.device)
@@ -172,19 +245,6 @@ class Generator:
             dist.broadcast(logits, src=self.grid.sampler_rank)
         return logits.cpu().numpy()
 
-    def _next_tokens(self, logits, state, params, step, end_id):
-        """Sample on the last stage, then share (tokens, log-probs) with every rank."""
-        B = params.seed.shape[0]
-        if logits is not None:
-            tokens, lp = sample(state.process(logits, params, step, end_id), params, step)
-        else:
-            tokens = torch.empty(B, dtype=torch.int64, device=self.device)
-            lp = torch.empty(B, dtype=torch.float32, device=self.device)
-        if self.grid.world > 1:
-            dist.broadcast(tokens, src=self.grid.sampler_rank)
-            dist.broadcast(lp, src=self.grid.sampler_rank)
-        return tokens, lp
-
     def _output(self, batch: Batch, new_tokens, logprobs, produced, reasons) -> Output:
         """`produced` (B,): each row's new tokens, an end token included (stop words end without one)."""
         new = new_tokens.cpu().numpy()
@@ -202,3 +262,20 @@ class Generator:
             lp[row, n:] = 0.0
         return Output(out_ids, seq_lens, lp.sum(axis=1).astype(np.float32), lp.astype(np.float32),
                       reasons.cpu().numpy())
+
+
+def _mode(batch: Batch) -> str:
+    """"greedy", "sample" (both captured in CUDA graphs), or "eager": penalties, min length or word
+    lists, which need sampler.DecodeState's history of each row."""
+    words = any((lists[:, 1] > 0).any() for lists in (batch.stop_words, batch.bad_words) if lists.shape[-1])
+    if words or (batch.repetition_penalty != 1).any() or (batch.presence_penalty != 0).any() \
+            or (batch.min_length > 0).any():
+        return "eager"
+    return "greedy" if ((batch.top_k <= 1) & (batch.top_p <= 0)).all() else "sample"
+
+
+def _pad_rows(logits, rows: int):
+    """Prefill logits (B, V) padded with zero rows to the step state's `rows`."""
+    if logits is None or logits.shape[0] == rows:
+        return logits
+    return torch.cat([logits, logits.new_zeros((rows - logits.shape[0], logits.shape[1]))])

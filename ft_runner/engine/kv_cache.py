@@ -1,4 +1,4 @@
-"""A preallocated KV cache for one generation batch on one pipeline stage."""
+"""A preallocated KV cache for one pipeline stage; on GPUs one lives across batches (generator.py)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,15 @@ class KVCache:
     def allocate(cls, layers: int, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
         shape = (layers, batch, heads, max_len, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def rows(self, count: int) -> "KVCache":
+        """The first `count` rows (views)."""
+        return KVCache(self.k[:, :count], self.v[:, :count])

@@ -1,0 +1,246 @@
+"""The decode forward pass: one new token per row -> logits, for one pipeline stage.
+
+`FusedDecoder` runs the step on a `GPTStage`'s own weights through `ft_runner.kernels.ops`
+(Triton on GPUs). Per layer of a sequential block: a residual-add + norm kernel, the projections
+(at batch 1 one GEMV kernel each, bias and activation included), and one attention kernel that
+rotates q/k, appends k/v to the cache and attends. A parallel-residual block (GPT-J, GPT-NeoX)
+writes attention output, activated MLP hidden and QKV side by side in one buffer, so its two
+output projections are one GEMM (and, with one shared norm, its two input projections too).
+Gated MLPs run gate and up as one GEMV. Weights are fused in place: the modules' parameters
+become views into the fused tensors, so nothing is held twice.
+
+`ModuleDecoder` runs the model's own modules instead, for blocks FusedDecoder does not cover
+(post-layernorm, ALiBi, sliding windows, dynamic RoPE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ft_runner.kernels import ops
+
+# FT activation name -> (ops activation, gated)
+_ACTS = {"Gelu": ("gelu", False), "GeluExact": ("gelu_exact", False), "Relu": ("relu", False),
+         "Silu": ("silu", False), "GeGLU": ("gelu", True), "SiGLU": ("silu", True)}
+
+
+@dataclasses.dataclass
+class Norm:
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    eps: float
+    rms: bool
+
+    @classmethod
+    def of(cls, module) -> "Norm":
+        return cls(module.weight, getattr(module, "bias", None), module.eps, not hasattr(module, "bias"))
+
+    def args(self):
+        return self.weight, self.bias, self.eps, self.rms
+
+
+@dataclasses.dataclass
+class FusedLayer:
+    norm1: Norm
+    norm2: Optional[Norm]  # sequential blocks, and parallel ones with their own MLP norm (NeoX)
+    parallel: bool
+    qkv_w: torch.Tensor  # parallel with one shared norm: [fc1 ; qkv] stacked (MLP columns first)
+    qkv_b: Optional[torch.Tensor]
+    out_w: torch.Tensor  # parallel: [dense | fc2] side by side, over [attention out | MLP hidden]
+    out_b: Optional[torch.Tensor]  # added once, after the TP all-reduce
+    fc1_w: Optional[torch.Tensor]  # None when folded into qkv_w; gated: [gate ; up] stacked
+    fc1_b: Optional[torch.Tensor]
+    fc2_w: Optional[torch.Tensor]  # None when folded into out_w
+    fc2_b: Optional[torch.Tensor]
+    mlp_width: int  # local MLP hidden width
+
+
+def unsupported_reason(stage) -> Optional[str]:
+    """Why FusedDecoder cannot run this stage, or None."""
+    config = stage.config
+    if config.layernorm_type != "pre_layernorm":
+        return "post-layernorm blocks"
+    if config.use_attention_linear_bias:
+        return "ALiBi"
+    if any(config.window(stage.first_layer + i) for i in range(len(stage.layers))):
+        return "sliding-window attention"
+    if stage.rotary is not None and stage.rotary.dynamic:
+        return "dynamic RoPE"
+    if config.activation_type not in _ACTS:
+        return f"activation {config.activation_type}"
+    return None
+
+
+def _sum_bias(*biases):
+    present = [b for b in biases if b is not None]
+    return None if not present else sum(present[1:], present[0].clone())
+
+
+def _fuse_rows(*linears) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Stack Linear weights (out, in) along out; each module's parameters become views of the result."""
+    weight = torch.cat([m.weight for m in linears])
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears])
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = weight[start:start + rows]
+        if m.bias is not None:
+            m.bias.data = bias[start:start + rows]
+        start += rows
+    return weight, bias
+
+
+def _fuse_cols(*linears) -> torch.Tensor:
+    """Concatenate Linear weights along `in` (one GEMM over concatenated inputs); views as above."""
+    weight = torch.cat([m.weight for m in linears], dim=1)
+    start = 0
+    for m in linears:
+        cols = m.weight.shape[1]
+        m.weight.data = weight[:, start:start + cols]
+        start += cols
+    return weight
+
+
+class FusedDecoder:
+    """Decode step of one pipeline stage through fused kernels."""
+
+    def __init__(self, stage, runtime):
+        self.stage = stage
+        self.grid = runtime.grid
+        self.group = runtime.tp_group if runtime.grid.tp > 1 else None
+        config = stage.config
+        self.act, self.gated = _ACTS[config.activation_type]
+        first = stage.layers[0].attn
+        self.heads, self.kv_heads, self.head_dim = first.heads, first.kv_heads, first.head_dim
+        self.scale = first.head_dim ** -0.5
+        self.layers = [self._fuse(block) for block in stage.layers]
+        self.final_norm = Norm.of(stage.ln_f) if stage.ln_f is not None else None
+        self.vocab = config.vocab_size
+        self.rot_dim = config.rotary_embedding
+        self.rope = None  # (cos, sin, rot_dim, interleaved), sized by `prepare`
+
+    def _fuse(self, block) -> FusedLayer:
+        attn, mlp = block.attn, block.mlp
+        fc1 = (mlp.fc1, mlp.up) if mlp.up is not None else (mlp.fc1,)
+        width = mlp.fc1.weight.shape[0]
+        norm2 = Norm.of(block.ln2) if block.ln2 is not None else None
+        if not block.parallel:
+            fc1_w, fc1_b = _fuse_rows(*fc1) if len(fc1) > 1 else (mlp.fc1.weight, mlp.fc1.bias)
+            return FusedLayer(Norm.of(block.ln1), norm2, False, attn.qkv.weight, attn.qkv.bias, attn.dense.weight,
+                              attn.dense.bias, fc1_w, fc1_b, mlp.fc2.weight, mlp.fc2.bias, width)
+        out_w = _fuse_cols(attn.dense, mlp.fc2)
+        out_b = _sum_bias(attn.dense.bias, mlp.fc2.bias)
+        if norm2 is None and not self.gated:  # GPT-J: one norm feeds both, so one input GEMM
+            in_w, in_b = _fuse_rows(mlp.fc1, attn.qkv)
+            return FusedLayer(Norm.of(block.ln1), None, True, in_w, in_b, out_w, out_b, None, None, None, None, width)
+        fc1_w, fc1_b = _fuse_rows(*fc1) if len(fc1) > 1 else (mlp.fc1.weight, mlp.fc1.bias)
+        return FusedLayer(Norm.of(block.ln1), norm2, True, attn.qkv.weight, attn.qkv.bias, out_w, out_b,
+                          fc1_w, fc1_b, None, None, width)
+
+    def prepare(self, max_len: int) -> None:
+        """Size the rotary tables for cache slots [0, max_len)."""
+        rotary = self.stage.rotary
+        if rotary is None or (self.rope is not None and self.rope[0].shape[0] >= max_len):
+            return
+        device = self.layers[0].qkv_w.device
+        self.rope = (*ops.rope_tables(rotary.inv.to(device), max_len), self.rot_dim, rotary.interleaved)
+
+    # --- the step ------------------------------------------------------------------------------
+
+    def logits(self, tokens: torch.Tensor, positions: torch.Tensor, cache):
+        """tokens, positions (R,) -> logits (R, V_local) or gathered (TP, R, V_local) on the last
+        stage (vocab padding included: see `full_logits`), None on the others."""
+        h = self._stage_input(tokens, positions)
+        h, x = ops.add_norm(h, None, None, *self.layers[0].norm1.args())
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else self.final_norm
+            attend = self._attend(cache.k[i], cache.v[i], positions)
+            h, x = (self._parallel if layer.parallel else self._sequential)(layer, h, x, nxt, attend)
+        if not self.grid.is_last_stage:
+            dist.send(h.contiguous(), dst=self.grid.stage_rank(self.grid.pp_rank + 1))
+            return None
+        return self._head(h if x is None else x)  # x is None: the model has no final norm
+
+    def _stage_input(self, tokens, positions):
+        if self.grid.is_first_stage:
+            return self.stage.embed(tokens[:, None], positions[:, None])[:, 0]
+        h = torch.empty((tokens.shape[0], self.stage.config.hidden_size), dtype=self.layers[0].qkv_w.dtype,
+                        device=tokens.device)
+        dist.recv(h, src=self.grid.stage_rank(self.grid.pp_rank - 1))
+        return h
+
+    def _attend(self, k_cache, v_cache, positions):
+        def attend(qkv, out=None):
+            return ops.decode_attention(qkv, k_cache, v_cache, positions, self.heads, self.kv_heads, self.head_dim,
+                                        self.scale, self.rope, out)
+        return attend
+
+    def _reduce(self, y):
+        if self.group is not None:
+            dist.all_reduce(y, group=self.group)
+        return y
+
+    def _residual(self, h, y, bias, nxt: Optional[Norm]):
+        """(h + y + bias, its norm for the next layer); no norm at the end of a non-last stage."""
+        if nxt is None:
+            total = h.float() + y.float() + (bias.float() if bias is not None else 0)
+            return total.to(h.dtype), None
+        return ops.add_norm(h, y, bias, *nxt.args())
+
+    def _sequential(self, layer: FusedLayer, h, x, nxt, attend):
+        attn = attend(ops.linear(x, layer.qkv_w, layer.qkv_b))
+        h, x = ops.add_norm(h, self._reduce(ops.linear(attn, layer.out_w)), layer.out_b, *layer.norm2.args())
+        f = ops.linear(x, layer.fc1_w, layer.fc1_b, self.act, self.gated)
+        return self._residual(h, self._reduce(ops.linear(f, layer.fc2_w)), layer.fc2_b, nxt)
+
+    def _parallel(self, layer: FusedLayer, h, x, nxt, attend):
+        # buf = [attention out | activated MLP hidden | q k v]; the output GEMM reads its first two parts
+        local, width = self.heads * self.head_dim, layer.mlp_width
+        qkv_width = (self.heads + 2 * self.kv_heads) * self.head_dim
+        buf = torch.empty((x.shape[0], local + width + qkv_width), dtype=x.dtype, device=x.device)
+        if layer.fc1_w is None:  # [fc1 ; qkv] in one GEMM, the activation on its MLP columns only
+            ops.linear(x, layer.qkv_w, layer.qkv_b, self.act, act_cols=width, out=buf[:, local:])
+        else:
+            ops.linear(x, layer.qkv_w, layer.qkv_b, out=buf[:, local + width:])
+            x_mlp = x if layer.norm2 is None else ops.add_norm(h, None, None, *layer.norm2.args())[1]
+            ops.linear(x_mlp, layer.fc1_w, layer.fc1_b, self.act, self.gated, out=buf[:, local:local + width])
+        attend(buf[:, local + width:], out=buf[:, :local])
+        y = self._reduce(ops.linear(buf[:, :local + width], layer.out_w))
+        return self._residual(h, y, layer.out_b, nxt)
+
+    def _head(self, x):
+        head = self.stage.lm_head
+        local = ops.linear(x, head.weight, head.bias)
+        if self.group is None:
+            return local
+        parts = torch.empty((self.grid.tp * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(parts, local.contiguous(), group=self.group)
+        return parts.view(self.grid.tp, *local.shape)
+
+
+class ModuleDecoder:
+    """Decode step through the model's own modules: every block type, nothing fused."""
+
+    def __init__(self, generator):
+        self.generator = generator
+        self.vocab = generator.model.config.vocab_size
+
+    def prepare(self, max_len: int) -> None:
+        pass
+
+    def logits(self, tokens, positions, cache):
+        h = self.generator._hidden(tokens[:, None], positions[:, None], positions, cache, prefill=False)
+        return None if h is None else self.generator.model.logits(h[:, 0])
+
+
+def full_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(R, vocab) fp32 from a decoder's logits: TP parts (TP, R, V_local) joined, vocab padding dropped."""
+    if logits.dim() == 3:
+        logits = logits.permute(1, 0, 2).reshape(logits.shape[1], -1)
+    return logits[:, :vocab].float()

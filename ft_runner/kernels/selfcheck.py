@@ -1,0 +1,149 @@
+"""Each Triton kernel against its torch reference, on fresh random inputs.
+
+    python -m ft_runner.kernels.selfcheck [--device cuda]      # on a GPU
+    TRITON_INTERPRET=1 python -m ft_runner.kernels.selfcheck   # on a CPU, through Triton's interpreter
+
+Prints one line per check and `SELFCHECK ok` (exit 0) or `SELFCHECK FAILED` (exit 1). Outputs are
+poisoned with NaN first, so a kernel that leaves an element unwritten fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+from ft_runner.kernels import ops
+
+
+@contextlib.contextmanager
+def reference():
+    """Run ops.* through their torch references inside this block."""
+    saved = os.environ.get("FT_RUNNER_TRITON")
+    os.environ["FT_RUNNER_TRITON"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FT_RUNNER_TRITON")
+        else:
+            os.environ["FT_RUNNER_TRITON"] = saved
+
+
+def rel_err(got, want) -> float:
+    got, want = got.double(), want.double()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def check_add_norm(device, dtype, rms: bool) -> float:
+    M, N = 3, 1000
+    h, y, bias, w, b = (torch.randn(s, device=device, dtype=dtype) for s in ((M, N), (M, N), N, N, N))
+    worst = 0.0
+    for args in ((y, bias), (None, None), (y, None)):
+        got = ops.add_norm(h, *args, w, None if rms else b, 1e-5, rms)
+        with reference():
+            want = ops.add_norm(h, *args, w, None if rms else b, 1e-5, rms)
+        worst = max(worst, rel_err(got[0], want[0]), rel_err(got[1], want[1]))
+    return worst
+
+
+def check_linear(device, dtype, M: int, act, gated=False, act_cols=None) -> float:
+    N, K = 200, 328  # neither a multiple of the blocks
+    w = torch.randn(2 * N if gated else N, K, device=device, dtype=dtype) / K ** 0.5
+    b = torch.randn(w.shape[0], device=device, dtype=dtype)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    wide = torch.full((M, N + 8), float("nan"), device=device, dtype=dtype)
+    got = ops.linear(x, w, b, act, gated, act_cols, out=wide[:, 8:])
+    with reference():
+        want = ops.linear(x.float(), w.float(), b.float(), act, gated, act_cols)
+    return rel_err(got, want)
+
+
+def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved) -> float:
+    B, T = 4, 300
+    qkv = torch.randn(B, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+    caches = [torch.randn(B + 1, kv_heads, T, head_dim, device=device, dtype=dtype) for _ in range(2)]
+    positions = torch.tensor([0, 1, 137, T - 1], device=device)
+    rotary = None
+    if rot:
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2, device=device).float() / rot))
+        rotary = (*ops.rope_tables(inv_freq, T), rot, interleaved)
+    ref_caches = [c.clone() for c in caches]
+    out = torch.full((B, heads * head_dim), float("nan"), device=device, dtype=dtype)
+    got = ops.decode_attention(qkv, *caches, positions, heads, kv_heads, head_dim, head_dim ** -0.5, rotary, out)
+    with reference():
+        want = ops.decode_attention(qkv, *ref_caches, positions, heads, kv_heads, head_dim, head_dim ** -0.5, rotary)
+    return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches)))
+
+
+def check_greedy(device) -> float:
+    from ft_runner.engine.step_state import StepState
+
+    R, V = 5, 3000
+    states = []
+    for _ in range(2):
+        s = StepState.allocate(R, 4, 90, device)
+        s.lengths.copy_(torch.tensor([5, 6, 7, 8, 9]))
+        s.out_lens.copy_(torch.tensor([4, 1, 4, 4, 4]))
+        s.end_id.fill_(7)
+        s.params.temperature.copy_(torch.tensor([1.0, 0.5, 2.0, 1.0, 1.0]))
+        s.reasons[2] = 1
+        states.append(s)
+    logits = torch.randn(2, R, 1600, device=device)  # two TP parts of a padded vocabulary
+    logits[0, 3, 7] = 50.0  # row 3 picks its end token
+    worst = 0.0
+    for _ in range(2):
+        ops.greedy_step(logits, V, states[0])
+        with reference():
+            ops.greedy_step(logits, V, states[1])
+        for name in ("history", "reasons", "produced", "next_tokens", "positions", "step"):
+            if not torch.equal(getattr(states[0], name), getattr(states[1], name)):
+                print(name, getattr(states[0], name), getattr(states[1], name))
+                return float("inf")
+        worst = max(worst, rel_err(states[0].logprobs, states[1].logprobs))
+    return worst
+
+
+def run(device: str) -> bool:
+    torch.manual_seed(0)
+    dtypes = [torch.float32] if device == "cpu" else [torch.float16, torch.float32]
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+    checks = []
+    for dtype in dtypes:
+        for rms in (False, True):
+            checks.append((f"add_norm {dtype} rms={rms}", lambda d=dtype, r=rms: check_add_norm(device, d, r), tol[dtype]))
+        for M in (1, 3):
+            for act, gated, cols in ((None, False, None), ("gelu", False, None), ("gelu", False, 72),
+                                     ("relu", False, None), ("gelu_exact", False, None), ("silu", True, None),
+                                     ("gelu", True, None)):
+                checks.append((f"linear {dtype} M={M} act={act} gated={gated} cols={cols}",
+                               lambda d=dtype, m=M, a=act, g=gated, c=cols: check_linear(device, d, m, a, g, c),
+                               tol[dtype]))
+        for shape in ((4, 4, 64, 0, False), (2, 2, 256, 64, True), (8, 2, 128, 128, False)):
+            checks.append((f"attention {dtype} heads/kv/dim/rot/interleaved={shape}",
+                           lambda d=dtype, s=shape: check_attention(device, d, *s), tol[dtype]))
+    checks.append(("greedy_step", lambda: check_greedy(device), 1e-5))
+    ok = True
+    for name, fn, limit in checks:
+        err = fn()
+        good = err <= limit
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} {name}: rel err {err:.2e} (limit {limit:.0e})", flush=True)
+    print("SELFCHECK ok" if ok else "SELFCHECK FAILED", flush=True)
+    return ok
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    return 0 if run(args.device) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
