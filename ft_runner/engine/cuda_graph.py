@@ -7,7 +7,7 @@ bookkeeping) with a single host call.
 
 from __future__ import annotations
 
-from typing import Callable, Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -23,10 +23,10 @@ def padded_batch(batch: int) -> int:
 
 
 class StepGraphs:
-    """One captured graph per key (padded batch, sampling mode), sharing one memory pool."""
+    """One captured graph per key (padded batch, sampling mode), each with its own memory pool
+    (they replay in any order, so they must not share intermediates)."""
 
     def __init__(self):
-        self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
 
     def run(self, key: Hashable, step: Callable[[], None], state) -> None:
@@ -47,7 +47,7 @@ class StepGraphs:
         torch.cuda.current_stream().wait_stream(side)
         state.restore(saved)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph):
             step()
         return graph
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
 
 import numpy as np
 import torch
@@ -110,7 +109,7 @@ class Generator:
         graphs = (self.device.type == "cuda" and self.grid.pp == 1 and isinstance(self.decoder, decode.FusedDecoder)
                   and os.environ.get("FT_RUNNER_CUDA_GRAPHS", "1") != "0")
         self.graphs = StepGraphs() if graphs else None
-        self._kv: Optional[KVCache] = None  # with graphs: one cache for every batch, grown on demand
+        self._kv: KVCache | None = None  # with graphs: one cache for every batch, grown on demand
         self._states: dict[int, StepState] = {}  # with graphs: the step state of each padded batch size
 
     @torch.inference_mode()
@@ -181,7 +180,7 @@ class Generator:
         self._kv = self._cache(max(rows, old_rows), length)
         self.decoder.prepare(length)
 
-    def _choose(self, logits, state: StepState, history: Optional[DecodeState], mode: str) -> None:
+    def _choose(self, logits, state: StepState, history: DecodeState | None, mode: str) -> None:
         """This step's token for every row, from the last stage's logits, recorded on every rank."""
         if mode == "greedy" and self.grid.pp == 1:  # every rank holds the gathered logits: no broadcast
             ops.greedy_step(logits, self.vocab, state)

@@ -10,7 +10,6 @@ with log-prob 0 and idle in the cache's last slot.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
@@ -38,7 +37,7 @@ class StepState:
     max_pos: int  # the last cache slot
 
     @classmethod
-    def allocate(cls, rows: int, max_new: int, max_pos: int, device) -> "StepState":
+    def allocate(cls, rows: int, max_new: int, max_pos: int, device) -> StepState:
         def z(*shape, dtype=torch.int64):
             return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -81,7 +80,7 @@ class StepState:
             staged = torch.from_numpy(host)
             staged = staged.pin_memory() if self.lengths.is_cuda else staged
             staged = staged.to(self.lengths.device, non_blocking=True)
-            for row, (name, _) in zip(staged, group):
+            for row, (name, _) in zip(staged, group, strict=True):
                 self._field(name).copy_(row)
         self.produced.zero_()
         self.step.zero_()
@@ -129,7 +128,7 @@ class TokenStream:
         self.slots = torch.empty((lag + 1, 2, state.rows), dtype=torch.int64, pin_memory=cuda)
         self.events = [torch.cuda.Event() if cuda else None for _ in range(lag + 1)]
         self.pending: list[int] = []
-        self.steps: Optional[int] = None  # set once every row has finished
+        self.steps: int | None = None  # set once every row has finished
 
     @property
     def done(self) -> bool:

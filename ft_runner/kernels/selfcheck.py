@@ -78,7 +78,7 @@ def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved) 
     got = ops.decode_attention(qkv, *caches, positions, heads, kv_heads, head_dim, head_dim ** -0.5, rotary, out)
     with reference():
         want = ops.decode_attention(qkv, *ref_caches, positions, heads, kv_heads, head_dim, head_dim ** -0.5, rotary)
-    return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches)))
+    return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches, strict=True)))
 
 
 def check_greedy(device) -> float:

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Everything a GPU session runs, step by step; logs go to $OUT, a short summary to stdout.
+#   bash benchmarks/device_run.sh STEP [STEP ...]
+# Steps:
+#   checks      kernel self-check, GEMV/attention micro-benchmarks, parity (TP=1, fp16)
+#   dev         ft_runner-only bench of gpt2-medium and GPT-J (bs 1/32/64) with per-kernel profiles
+#   bench-small the BENCHMARKS.md rows for gpt2 and gpt2-medium (all engines)
+#   bench-large the BENCHMARKS.md rows for GPT-J-6B (all engines)
+#   bench-llama the BENCHMARKS.md rows for Llama-3-8B
+#   tp2         (two GPUs) parity TP=1/TP=2 fp32+fp16, end-to-end server TP=2, GPT-J bs1 TP=1 vs TP=2
+set -uo pipefail
+OUT=${OUT:-/tmp/device_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8
+export FT_RUNNER_COMMIT=${FT_RUNNER_COMMIT:-$(cat benchmarks/.commit 2>/dev/null || echo unknown)}
+MPI="mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -x PYTHONUNBUFFERED -x FT_RUNNER_COMMIT -x HF_HUB_OFFLINE"
+BENCH="python3 benchmarks/bench_generate.py --results $OUT/results"
+
+step() { echo "=== $1 ($(date -u +%H:%M:%S))"; }
+
+for s in "$@"; do
+  case $s in
+  checks)
+    step checks
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv,noheader
+    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    python3 -m ft_runner.kernels.selfcheck > "$OUT/selfcheck.log" 2>&1; grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck.log" | tail -5
+    python3 benchmarks/microbench.py --sweep 2>&1 | tee "$OUT/microbench.log" | grep -v "^\[" | tail -40
+    python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp16 --skip-kernels > "$OUT/gpu_checks_tp1.log" 2>&1
+    grep -E "GPUCHECK|Error" "$OUT/gpu_checks_tp1.log" | tail -8
+    ;;
+  dev)
+    step dev
+    $BENCH --models gpt2-medium,gptj-6b --batch 1,32,64 --engines ft_runner --profile > "$OUT/bench_dev.log" 2>&1
+    grep -E "PROFILE|^model|^---|ft_runner |Error|error" "$OUT/bench_dev.log" | tail -80
+    ;;
+  bench-small)
+    step bench-small
+    $BENCH --models gpt2 --batch 1 > "$OUT/bench_small.log" 2>&1
+    $BENCH --models gpt2-medium --batch 1,32,64 >> "$OUT/bench_small.log" 2>&1
+    grep -E "^model|^---|  fp16 |Error|error" "$OUT/bench_small.log" | tail -30
+    ;;
+  bench-large)
+    step bench-large
+    $BENCH --models gptj-6b --batch 1,32,64 > "$OUT/bench_large.log" 2>&1
+    grep -E "^model|^---|  fp16 |Error|error" "$OUT/bench_large.log" | tail -30
+    ;;
+  bench-llama)
+    step bench-llama
+    $BENCH --models llama-3-8b --batch 1,32,64 > "$OUT/bench_llama.log" 2>&1
+    grep -E "^model|^---|  fp16 |Error|error" "$OUT/bench_llama.log" | tail -30
+    ;;
+  tp2)
+    step tp2-parity
+    $MPI -n 2 python3 benchmarks/gpu_checks.py --tp 2 --dtypes fp32,fp16 > "$OUT/gpu_checks_tp2.log" 2>&1
+    grep -E "GPUCHECK|SELFCHECK|Error" "$OUT/gpu_checks_tp2.log" | tail -14
+    python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp32 --skip-kernels > "$OUT/gpu_checks_tp1_fp32.log" 2>&1
+    grep -E "GPUCHECK|Error" "$OUT/gpu_checks_tp1_fp32.log" | tail -8
+    step tp2-e2e
+    python3 benchmarks/gpu_e2e.py --tp 2 > "$OUT/e2e_tp2.log" 2>&1; grep -E "E2E|Error" "$OUT/e2e_tp2.log" | tail -10
+    step tp2-bench
+    $BENCH --models gptj-6b --batch 1 --engines ft_runner > "$OUT/bench_tp.log" 2>&1
+    $MPI -n 2 $BENCH --tp 2 --models gptj-6b --batch 1 --engines ft_runner >> "$OUT/bench_tp.log" 2>&1
+    grep -E "^model|^---|  fp16 |Error|error" "$OUT/bench_tp.log" | tail -12
+    ;;
+  *) echo "unknown step $s" ;;
+  esac
+done
+cat "$OUT"/results/*.jsonl > "$OUT/results.jsonl" 2>/dev/null
+step done

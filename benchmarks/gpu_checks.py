@@ -1,0 +1,177 @@
+"""GPU correctness under mpirun: the Triton kernels, and ft_runner against HF transformers in fp32 and fp16.
+
+    mpirun -n 2 python3 benchmarks/gpu_checks.py --tp 2 --dtypes fp32,fp16
+    python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp32,fp16
+
+Rank 0 first runs ft_runner/kernels/selfcheck.py on its GPU. Then, for each random model (tiny
+GPT-2 / GPT-J / GPT-NeoX / LLaMA with large weights, so greedy steps are not near-ties, and a
+gpt2-medium shape with HF's own init) and each dtype, every rank loads its shard through
+convert -> load_stage and generates 32 greedy tokens for 4 prompts (batched, then each alone,
+then batched without CUDA graphs); rank 0 compares with HF transformers on its GPU:
+- prompt logits against HF fp32 (max abs diff; relative ||ours - hf|| / ||hf||);
+- the log-probs of our generated tokens against HF fp32 scoring the same sequences (this checks
+  the fused decode step itself, whatever the tokens);
+- greedy tokens against HF's own greedy generate in the same dtype (matching prefix length),
+  batched == alone == without graphs.
+Pass: fp32: tokens equal and logits within 1e-3; fp16: relative errors <= 1e-2, and the first 32
+greedy tokens equal HF's or the logits agree within 1e-2 (fp16 noise can flip a near-tie).
+Prints `GPUCHECK ...` lines and `GPUCHECKS ok` / `GPUCHECKS FAILED` (exit 1) on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from ft_runner import parallel  # noqa: E402
+
+PROMPTS = ["Thank you for", "Q: Are you going for lunch?", "a", "The class statement defines a new class"]
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NEW_TOKENS = 32
+
+
+def make_models(root: Path) -> list[Path]:
+    """Random HF models (rank 0): tiny families with large weights, and a gpt2-medium shape."""
+    import transformers
+    from bench_generate import hf_config
+    from helpers import TOKENIZER_DIR, make_tiny_gpt2
+    from tiny_families import make
+
+    models = [make_tiny_gpt2(root / "tiny-gpt2")]
+    models += [make(name, root) for name in ("gptj", "gpt_neox", "llama")]
+    medium = root / "gpt2-medium-random"
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(hf_config("gpt2-medium")).save_pretrained(medium)
+    transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(medium)
+    return models + [medium]
+
+
+def hf_reference(model_dir: Path, prompts, dtype, device, ours) -> dict:
+    """HF fp32: prompt logits and scores of our sequences; HF in `dtype`: its own greedy tokens."""
+    import transformers
+
+    ref = {"logits": [], "scores": [], "greedy": []}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    eos = hf.config.eos_token_id
+    with torch.no_grad():
+        for row, ids in enumerate(prompts):
+            ref["logits"].append(hf(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy())
+            seq = ours.output_ids[row, : ours.sequence_lengths[row]]
+            logp = torch.log_softmax(hf(torch.tensor([seq], device=device)).logits[0].float(), -1)
+            new = torch.tensor(seq[len(ids):], device=device)
+            ref["scores"].append(logp[len(ids) - 1: len(seq) - 1].gather(1, new[:, None])[:, 0].cpu().numpy())
+        hf = hf.to(dtype)
+        for ids in prompts:
+            out = hf.generate(torch.tensor([ids], device=device), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              pad_token_id=eos)
+            ref["greedy"].append(out[0].cpu().tolist())
+    del hf
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ref
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def check_model(model_dir: Path, dtype: str, args, runtime) -> bool:
+    import transformers
+
+    from ft_runner.checkpoint.convert import convert
+    from ft_runner.checkpoint.load import load_stage
+    from ft_runner.engine.generator import Batch, Generator
+
+    device = runtime.device
+    out_dir = Path(args.workdir) / "ft" / model_dir.name / dtype
+    ckpt = parallel.from_root(runtime.comm, lambda: str(convert(model_dir, out_dir, args.tp, dtype, log=lambda *_: None)))
+    stage = load_stage(Path(ckpt), runtime.grid, runtime.tp_group, dtype, device)
+    gen = Generator(stage, runtime)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tokenizer(t)["input_ids"] for t in PROMPTS]
+    end_id = stage.config.end_id
+    batch = Batch.make(prompts, NEW_TOKENS, end_id=end_id)
+    logits = gen.prompt_logits(batch)
+    out = gen.generate(batch)
+    alone = [gen.generate(Batch.make([p], NEW_TOKENS, end_id=end_id)) for p in prompts]
+    graphs, gen.graphs = gen.graphs, None
+    eager = gen.generate(batch)
+    gen.graphs = graphs
+    decoder = type(gen.decoder).__name__
+    del gen, stage
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if runtime.rank != 0:
+        return True
+    ref = hf_reference(model_dir, prompts, TORCH_DTYPES[dtype], device, out)
+    ours = [out.output_ids[r, : out.sequence_lengths[r]].tolist() for r in range(len(prompts))]
+    solo = [a.output_ids[0, : a.sequence_lengths[0]].tolist() for a in alone]
+    no_graph = [eager.output_ids[r, : eager.sequence_lengths[r]].tolist() for r in range(len(prompts))]
+    abs_diff = max(float(np.abs(logits[r, : len(p)] - ref["logits"][r]).max()) for r, p in enumerate(prompts))
+    logit_rel = max(rel(logits[r, : len(p)], ref["logits"][r]) for r, p in enumerate(prompts))
+    score_rel = max(rel(out.output_log_probs[r, : len(ref["scores"][r])], ref["scores"][r])
+                    for r in range(len(prompts)))
+    agree = min(prefix(o[len(p):], h[len(p):]) for o, h, p in zip(ours, ref["greedy"], prompts, strict=True))
+    wanted = min(len(h) - len(p) for h, p in zip(ref["greedy"], prompts, strict=True))
+    consistent = ours == solo == no_graph
+    if dtype == "fp32":
+        ok = consistent and agree >= wanted and abs_diff <= 1e-3 and score_rel <= 1e-4
+    else:
+        ok = consistent and score_rel <= 1e-2 and logit_rel <= 1e-2
+    print(f"GPUCHECK {'ok  ' if ok else 'FAIL'} model={model_dir.name} dtype={dtype} tp={args.tp} decoder={decoder} "
+          f"logits_max_abs={abs_diff:.2e} logits_rel={logit_rel:.2e} decode_logprob_rel={score_rel:.2e} "
+          f"greedy_prefix_vs_hf={agree}/{wanted} batched==alone==no_graphs={consistent}", flush=True)
+    if not consistent:
+        for r in range(len(prompts)):
+            if not ours[r] == solo[r] == no_graph[r]:
+                print(f"  row {r}: batched {ours[r]}\n         alone   {solo[r]}\n         eager   {no_graph[r]}")
+    return ok
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dtypes", default="fp32,fp16")
+    p.add_argument("--workdir", default="/tmp/ft_runner_gpu_checks")
+    p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of this script")
+    args = p.parse_args(argv)
+    runtime = parallel.init_runtime(args.tp, 1, args.device)
+    ok = True
+    if runtime.rank == 0 and not args.skip_kernels:
+        from ft_runner.kernels import selfcheck
+
+        ok &= selfcheck.run(runtime.device.type)
+    root = Path(args.workdir) / "hf"
+    paths = parallel.from_root(runtime.comm, lambda: "\n".join(str(m) for m in make_models(root)))
+    for model in paths.split("\n"):
+        for dtype in args.dtypes.split(","):
+            ok &= check_model(Path(model), dtype, args, runtime)
+    ok = runtime.comm.bcast(ok, root=0)
+    if runtime.rank == 0:
+        print("GPUCHECKS ok" if ok else "GPUCHECKS FAILED", flush=True)
+    parallel.shutdown(runtime)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
