@@ -16,7 +16,6 @@ become views into the fused tensors, so nothing is held twice.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -31,12 +30,12 @@ _ACTS = {"Gelu": ("gelu", False), "GeluExact": ("gelu_exact", False), "Relu": ("
 @dataclasses.dataclass
 class Norm:
     weight: torch.Tensor
-    bias: Optional[torch.Tensor]
+    bias: torch.Tensor | None
     eps: float
     rms: bool
 
     @classmethod
-    def of(cls, module) -> "Norm":
+    def of(cls, module) -> Norm:
         return cls(module.weight, getattr(module, "bias", None), module.eps, not hasattr(module, "bias"))
 
     def args(self):
@@ -46,20 +45,20 @@ class Norm:
 @dataclasses.dataclass
 class FusedLayer:
     norm1: Norm
-    norm2: Optional[Norm]  # sequential blocks, and parallel ones with their own MLP norm (NeoX)
+    norm2: Norm | None  # sequential blocks, and parallel ones with their own MLP norm (NeoX)
     parallel: bool
     qkv_w: torch.Tensor  # parallel with one shared norm: [fc1 ; qkv] stacked (MLP columns first)
-    qkv_b: Optional[torch.Tensor]
+    qkv_b: torch.Tensor | None
     out_w: torch.Tensor  # parallel: [dense | fc2] side by side, over [attention out | MLP hidden]
-    out_b: Optional[torch.Tensor]  # added once, after the TP all-reduce
-    fc1_w: Optional[torch.Tensor]  # None when folded into qkv_w; gated: [gate ; up] stacked
-    fc1_b: Optional[torch.Tensor]
-    fc2_w: Optional[torch.Tensor]  # None when folded into out_w
-    fc2_b: Optional[torch.Tensor]
+    out_b: torch.Tensor | None  # added once, after the TP all-reduce
+    fc1_w: torch.Tensor | None  # None when folded into qkv_w; gated: [gate ; up] stacked
+    fc1_b: torch.Tensor | None
+    fc2_w: torch.Tensor | None  # None when folded into out_w
+    fc2_b: torch.Tensor | None
     mlp_width: int  # local MLP hidden width
 
 
-def unsupported_reason(stage) -> Optional[str]:
+def unsupported_reason(stage) -> str | None:
     """Why FusedDecoder cannot run this stage, or None."""
     config = stage.config
     if config.layernorm_type != "pre_layernorm":
@@ -80,7 +79,7 @@ def _sum_bias(*biases):
     return None if not present else sum(present[1:], present[0].clone())
 
 
-def _fuse_rows(*linears) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _fuse_rows(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack Linear weights (out, in) along out; each module's parameters become views of the result."""
     weight = torch.cat([m.weight for m in linears])
     bias = None
@@ -186,7 +185,7 @@ class FusedDecoder:
             dist.all_reduce(y, group=self.group)
         return y
 
-    def _residual(self, h, y, bias, nxt: Optional[Norm]):
+    def _residual(self, h, y, bias, nxt: Norm | None):
         """(h + y + bias, its norm for the next layer); no norm at the end of a non-last stage."""
         if nxt is None:
             total = h.float() + y.float() + (bias.float() if bias is not None else 0)

@@ -25,6 +25,6 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def rows(self, count: int) -> "KVCache":
+    def rows(self, count: int) -> KVCache:
         """The first `count` rows (views)."""
         return KVCache(self.k[:, :count], self.v[:, :count])

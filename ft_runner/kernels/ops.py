@@ -7,7 +7,6 @@ Shapes: activations are (M, features) rows, one row per sequence; weights are to
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +59,7 @@ def _torch_activate(y, act, gated=False, act_cols=None):
     return y
 
 
-def linear(x, weight, bias=None, act: Optional[str] = None, gated: bool = False, act_cols: Optional[int] = None,
+def linear(x, weight, bias=None, act: str | None = None, gated: bool = False, act_cols: int | None = None,
            out=None):
     """act(x W^T + b) -> (M, N), written into `out` if given (it may be a column slice of a wider buffer).
 
