@@ -2,7 +2,9 @@
 # Everything a GPU session runs, step by step; logs go to $OUT, a short summary to stdout.
 #   bash benchmarks/device_run.sh STEP [STEP ...]
 # Steps:
-#   checks      kernel self-check, GEMV/attention micro-benchmarks, parity (TP=1, fp16)
+#   kernels     GPU facts, kernel self-check (ft_runner/kernels/selfcheck.py)
+#   micro       GEMV/attention/sampling micro-benchmarks (benchmarks/microbench.py)
+#   parity1     parity with HF, TP=1, fp16 (benchmarks/gpu_checks.py)
 #   dev         ft_runner-only bench of gpt2-medium and GPT-J (bs 1/32/64) with per-kernel profiles
 #   bench-small the BENCHMARKS.md rows for gpt2 and gpt2-medium (all engines)
 #   bench-large the BENCHMARKS.md rows for GPT-J-6B (all engines)
@@ -20,12 +22,18 @@ step() { echo "=== $1 ($(date -u +%H:%M:%S))"; }
 
 for s in "$@"; do
   case $s in
-  checks)
-    step checks
+  kernels)
+    step kernels
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     python3 -m ft_runner.kernels.selfcheck > "$OUT/selfcheck.log" 2>&1; grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck.log" | tail -5
+    ;;
+  micro)
+    step micro
     python3 benchmarks/microbench.py --sweep 2>&1 | tee "$OUT/microbench.log" | grep -v "^\[" | tail -40
+    ;;
+  parity1)
+    step parity1
     python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp16 --skip-kernels > "$OUT/gpu_checks_tp1.log" 2>&1
     grep -E "GPUCHECK|Error" "$OUT/gpu_checks_tp1.log" | tail -8
     ;;
