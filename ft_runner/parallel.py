@@ -121,8 +121,10 @@ def _free_port() -> int:
 
 def _master_address(comm) -> str:
     """127.0.0.1 when every rank shares rank 0's node, else rank 0's host name."""
+    from mpi4py import MPI
+
     _, local_size = local_rank_and_size(comm)
-    same_node = comm.allreduce(local_size, op=__import__("mpi4py").MPI.MIN) == comm.Get_size()
+    same_node = comm.allreduce(local_size, op=MPI.MIN) == comm.Get_size()
     return os.environ.get("FT_RUNNER_MASTER_ADDR") or ("127.0.0.1" if same_node else socket.getfqdn())
 
 

@@ -42,6 +42,7 @@ def during_load(rank: int) -> None:
     """Called by every rank while it loads its shard."""
     faults = _faults()
     if "load_delay" in faults and int(faults["load_delay"][0]) == rank:
+        print(f"injected fault: rank {rank} loads its shard {faults['load_delay'][1]} s slower", flush=True)
         time.sleep(float(faults["load_delay"][1]))
     if "load_oom" in faults and int(faults["load_oom"][0]) == rank:
         import torch

@@ -17,8 +17,8 @@ from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.beam import with_beam_axis
 from ft_runner.serving.engine import Engine
-from ft_runner.serving.validation import (Limits, RequestError, Rows, check_rows, make_batch, per_row,
-                                          param_inputs, request_slices, row_params, text_word_lists)
+from ft_runner.serving.validation import (Limits, RequestError, Rows, check_prompt_bytes, check_rows, make_batch,
+                                          param_inputs, per_row, request_slices, row_params, text_word_lists)
 
 WORD_INPUTS = ("stop_words", "bad_words")
 INPUTS = [
@@ -40,6 +40,7 @@ __all__ = ["INPUTS", "OUTPUTS", "RequestError", "TextModel", "text_rows"]
 def text_rows(request, tokenizer, limits: Limits) -> Rows:
     """A text request's rows, tokenized and checked."""
     prompts = np.asarray(request["prompts"]).reshape(-1)
+    check_prompt_bytes(prompts, limits)
     rows = len(prompts)
     out_lens = per_row(request, "request_output_len", rows)
     params = row_params(request, rows, limits)

@@ -20,6 +20,9 @@ from ft_runner.engine.generator import Batch
 from ft_runner.engine.sampler import parse_word_list
 
 MAX_BEAM_WIDTH = 32  # FT's largest beam width
+# A text prompt over context x this many bytes cannot fit (no token is that long): refused before the
+# tokenizer spends time on it.
+MAX_BYTES_PER_TOKEN = 256
 
 
 class RequestError(ValueError):
@@ -216,6 +219,16 @@ def text_word_lists(request, name: str, rows: int, tokenizer) -> list:
                 words.append(tokenizer(text)["input_ids"])
         out.append(words)
     return out
+
+
+def check_prompt_bytes(prompts, limits: Limits, name: str = "prompts") -> None:
+    """Refuse a text prompt too large to fit the context whatever its tokens, before tokenizing it."""
+    limit = limits.context * MAX_BYTES_PER_TOKEN
+    for i, prompt in enumerate(prompts):
+        if len(prompt) > limit:
+            raise RequestError(f"{name}[{i}] is {len(prompt)} bytes, over the limit of {limit} bytes "
+                               f"({MAX_BYTES_PER_TOKEN} per token of the model's context of {limits.context}): "
+                               "it cannot fit; shorten it")
 
 
 def _utf8(item, where: str) -> str:

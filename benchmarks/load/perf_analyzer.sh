@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Triton's perf_analyzer on a CPU-only box, fetched on first use:  perf_analyzer.sh [perf_analyzer args...]
+#
+# Only tritonclient==2.51.0's wheel both ships the binary and runs on glibc 2.36 (Debian 12): 2.60's needs
+# glibc 2.38 and 2.73's has none. The binary links libb64.so.0d (Debian: libb64-0d) and libcudart.so.12
+# (the nvidia-cuda-runtime-cu12 wheel; it loads without a GPU). Everything lands in $PA_CACHE.
+set -euo pipefail
+
+PA_CACHE=${PA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ft_runner/perf_analyzer}
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PIP=${PIP:-$ROOT/.venv/bin/pip}
+BIN=$PA_CACHE/bin/perf_analyzer
+CUDART=$PA_CACHE/cudart/nvidia/cuda_runtime/lib
+
+fetch() {
+  mkdir -p "$PA_CACHE"
+  if [[ ! -x $BIN ]]; then
+    "$PIP" download --quiet tritonclient==2.51.0 --no-deps --only-binary=:all: -d "$PA_CACHE/wheels"
+    unzip -q -o -j "$PA_CACHE"/wheels/tritonclient-2.51.0-*.whl 'tritonclient-2.51.0.data/data/bin/perf_analyzer' \
+      -d "$PA_CACHE/bin"
+  fi
+  if [[ ! -e $CUDART/libcudart.so.12 ]]; then
+    "$PIP" download --quiet 'nvidia-cuda-runtime-cu12==12.*' --no-deps --only-binary=:all: -d "$PA_CACHE/wheels"
+    unzip -q -o "$PA_CACHE"/wheels/nvidia_cuda_runtime_cu12-*.whl 'nvidia/cuda_runtime/lib/libcudart.so.12' \
+      -d "$PA_CACHE/cudart"
+  fi
+  if ! ldconfig -p | grep -q 'libb64.so.0d'; then
+    if [[ $(id -u) -eq 0 ]]; then
+      apt-get install -y -q libb64-0d >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null; }
+    else
+      echo "error: perf_analyzer needs libb64.so.0d: run 'sudo apt-get install libb64-0d'" >&2
+      exit 1
+    fi
+  fi
+}
+
+fetch
+export LD_LIBRARY_PATH=$CUDART${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+if missing=$(ldd "$BIN" | grep 'not found'); then
+  echo "error: perf_analyzer cannot load: $missing" >&2
+  exit 1
+fi
+exec "$BIN" "$@"
