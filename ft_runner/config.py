@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import json
 from pathlib import Path
 
 WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
+# FT's activation names; `GeluExact` is the erf form (FT's `Gelu` is the tanh form), `*GLU` are gated.
+ACTIVATIONS = ("Gelu", "GeluExact", "Relu", "Silu", "GeGLU", "SiGLU")
+_ACTIVATION_ALIASES = {**{a.lower(): a for a in ACTIVATIONS}, "gated-gelu": "GeGLU", "gated-silu": "SiGLU"}
+NORM_TYPES = ("layernorm", "rmsnorm")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+# config.ini sections FT and its community forks used, and the defaults of keys their own converters
+# left out (FT's GPT-J writes no max_pos_seq_len and implies rotary, parallel residual, no QKV bias).
+SECTIONS = {
+    "gpt": {},
+    "gptj": dict(max_pos_seq_len=2048, layernorm_eps=1e-5, has_positional_encoding=False, rotary_embedding=64,
+                 neox_rotary_style=False, use_gptj_residual=True, has_post_attention_layernorm=False,
+                 has_qkv_bias=False, has_attention_out_bias=False, has_lm_head_bias=True),
+    "gptneox": dict(max_pos_seq_len=2048, layernorm_eps=1e-5, activation_type="GeluExact",
+                    has_positional_encoding=False, use_gptj_residual=True),
+    "llama": dict(max_pos_seq_len=2048, layernorm_eps=1e-6, norm_type="rmsnorm", activation_type="SiGLU",
+                  has_positional_encoding=False, has_qkv_bias=False, has_attention_out_bias=False,
+                  has_mlp_bias=False),
+}
 
 
 class ConfigError(ValueError):
@@ -15,7 +35,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """One decoder-only model, with FT's `[gpt]` key names and defaults."""
+    """One decoder-only model, with FT's config.ini key names and defaults.
+
+    The FT GPT keys come first; the rest describe the families FT ran as separate models (GPT-J,
+    GPT-NeoX) or that its community forks added (LLaMA): rotary embeddings, grouped KV heads,
+    RMSNorm, gated MLPs, which biases exist, sliding-window attention.
+    """
 
     head_num: int
     size_per_head: int
@@ -29,36 +54,93 @@ class ModelConfig:
     tensor_para_size: int = 1
     model_name: str = "gpt"
     layernorm_eps: float = 1e-6
-    layernorm_type: str = "pre_layernorm"
+    layernorm_type: str = "pre_layernorm"  # or post_layernorm (OPT-350m): where the norms sit
     activation_type: str = "Gelu"
-    has_positional_encoding: bool = True
-    has_pre_decoder_layernorm: bool = False
-    has_post_decoder_layernorm: bool = True
-    use_attention_linear_bias: bool = False
+    has_positional_encoding: bool = True  # a learned wpe table
+    has_pre_decoder_layernorm: bool = False  # BLOOM's embedding layernorm
+    has_post_decoder_layernorm: bool = True  # the final layernorm
+    use_attention_linear_bias: bool = False  # ALiBi
+    kv_head_num: int = 0  # 0: as many KV heads as query heads
+    norm_type: str = "layernorm"  # or rmsnorm
+    rotary_embedding: int = 0  # rotary dims at the start of each head; 0: no rotary
+    neox_rotary_style: bool = True  # rotate halves (NeoX, LLaMA); False: interleaved pairs (GPT-J)
+    rope_theta: float = 10000.0
+    rope_scaling: str = ""  # JSON: {"rope_type": "linear" | "dynamic" | "llama3", "factor": ...}
+    use_gptj_residual: bool = False  # attention and MLP in parallel off the same residual
+    has_post_attention_layernorm: bool = True  # False: GPT-J's MLP reads the input layernorm's output
+    has_qkv_bias: bool = True
+    has_attention_out_bias: bool = True
+    has_mlp_bias: bool = True
+    has_lm_head_bias: bool = False
+    sliding_window: int = 0  # 0: none; else a query sees the last `sliding_window` positions
+    max_window_layers: int = 0  # the window applies to layers >= this one (Qwen2)
+    hidden_units: int = 0  # 0: head_num * size_per_head (some LLaMA-family models have a wider residual)
 
     def __post_init__(self):
         for key in ("head_num", "size_per_head", "inter_size", "num_layer", "vocab_size", "max_pos_seq_len"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"config.ini: {key} must be positive, got {getattr(self, key)}")
-        if self.weight_data_type not in WEIGHT_DTYPES:
-            raise ConfigError(
-                f"config.ini: weight_data_type {self.weight_data_type!r} is not one of {WEIGHT_DTYPES}"
-            )
-        if self.layernorm_type != "pre_layernorm":
-            raise ConfigError(f"config.ini: layernorm_type {self.layernorm_type!r} is not supported yet")
-        if self.activation_type.lower() not in ("gelu", "relu"):
-            raise ConfigError(f"config.ini: activation_type {self.activation_type!r} is not supported yet")
-        if self.use_attention_linear_bias or self.has_pre_decoder_layernorm:
-            raise ConfigError("config.ini: ALiBi and pre-decoder layernorm are not supported yet")
+        self._check_choice("weight_data_type", WEIGHT_DTYPES)
+        self._check_choice("layernorm_type", ("pre_layernorm", "post_layernorm"))
+        self._check_choice("activation_type", ACTIVATIONS)
+        self._check_choice("norm_type", NORM_TYPES)
+        if self.kv_head_num < 0 or self.head_num % self.kv_heads:
+            raise ConfigError(f"config.ini: head_num {self.head_num} is not a multiple of kv_head_num {self.kv_head_num}")
+        if self.rotary_embedding % 2 or not 0 <= self.rotary_embedding <= self.size_per_head:
+            raise ConfigError(f"config.ini: rotary_embedding {self.rotary_embedding} must be even and at most "
+                              f"size_per_head {self.size_per_head}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"config.ini: rope_scaling type {self.rope_type!r} is not supported; "
+                              f"supported: {ROPE_TYPES}")
+        if self.sliding_window < 0:
+            raise ConfigError(f"config.ini: sliding_window must be 0 (none) or positive, got {self.sliding_window}")
+
+    def _check_choice(self, key: str, allowed: tuple) -> None:
+        if getattr(self, key) not in allowed:
+            raise ConfigError(f"config.ini: {key} {getattr(self, key)!r} is not one of {allowed}")
 
     @property
     def hidden_size(self) -> int:
-        return self.head_num * self.size_per_head
+        return self.hidden_units or self.head_num * self.size_per_head
 
-    def to_ini(self, path: Path) -> None:
-        """Write `[gpt]` as FT's converters do (booleans as 0/1)."""
-        parser = configparser.ConfigParser()
-        parser["gpt"] = {
+    @property
+    def kv_heads(self) -> int:
+        return self.kv_head_num or self.head_num
+
+    @property
+    def gated(self) -> bool:
+        """Gated MLP (SwiGLU, GeGLU): down(act(gate(x)) * up(x))."""
+        return self.activation_type.endswith("GLU")
+
+    @property
+    def rope_params(self) -> dict:
+        return json.loads(self.rope_scaling) if self.rope_scaling else {}
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_params.get("rope_type", "default")
+
+    def window(self, layer: int) -> int:
+        """The sliding window of one layer; 0 for full attention."""
+        return self.sliding_window if layer >= self.max_window_layers else 0
+
+    def local_kv_heads(self, tp: int) -> int:
+        """KV heads per rank: a share of them, or one replicated head when there are fewer than TP."""
+        return max(1, self.kv_heads // tp)
+
+    def check_tp(self, tp: int) -> None:
+        """Raise ConfigError unless the model can be split over `tp` ranks."""
+        if self.head_num % tp:
+            raise ConfigError(f"--tp {tp} does not divide the model's {self.head_num} attention heads")
+        if self.kv_heads % tp and tp % self.kv_heads:
+            raise ConfigError(f"--tp {tp} and the model's {self.kv_heads} KV heads: one must divide the other")
+        if self.inter_size % tp:
+            raise ConfigError(f"--tp {tp} does not divide the model's FFN size {self.inter_size}")
+
+    def to_ini(self, path: Path, section: str = "gpt") -> None:
+        """Write one section (`gpt`, `gptj`, `gptneox` or `llama`) as FT's converters do (booleans as 0/1)."""
+        parser = configparser.ConfigParser(interpolation=None)
+        parser[section] = {
             f.name: str(int(v)) if isinstance(v, bool) else str(v)
             for f in dataclasses.fields(self)
             for v in [getattr(self, f.name)]
@@ -67,29 +149,39 @@ class ModelConfig:
             parser.write(fh)
 
     @classmethod
-    def from_ini(cls, path: Path) -> "ModelConfig":
-        """Read `[gpt]`; keys FT's own converters leave out take FT's defaults."""
-        parser = configparser.ConfigParser()
-        if not parser.read(path):
-            raise ConfigError(f"cannot read {path}")
-        if "gpt" not in parser:
-            raise ConfigError(f"{path} has no [gpt] section (sections: {parser.sections()})")
-        section = parser["gpt"]
-        values = {}
+    def from_ini(cls, path: Path) -> ModelConfig:
+        """Read the model's section; keys FT's own converters leave out take FT's defaults for that section."""
+        name, section = read_section(path)
+        values = dict(SECTIONS[name])
         for field in dataclasses.fields(cls):
-            if field.name not in section:
-                continue
-            raw = section[field.name]
-            if field.type == "bool":
-                values[field.name] = raw.strip().lower() in ("1", "true", "yes")
-            elif field.type == "int":
-                values[field.name] = int(raw)
-            elif field.type == "float":
-                values[field.name] = float(raw)
-            else:
-                values[field.name] = raw
+            if field.name in section:
+                values[field.name] = _parse(field.type, section[field.name])
+        activation = values.get("activation_type", "Gelu")
+        values["activation_type"] = _ACTIVATION_ALIASES.get(activation.lower(), activation)  # FT reads any case
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.name not in values]
         if missing:
-            raise ConfigError(f"{path}: [gpt] lacks required keys {missing}")
+            raise ConfigError(f"{path}: [{name}] lacks required keys {missing}")
         return cls(**values)
+
+
+def read_section(path: Path) -> tuple[str, configparser.SectionProxy]:
+    """The one model section of a config.ini, with its name."""
+    parser = configparser.ConfigParser(interpolation=None)
+    if not parser.read(path):
+        raise ConfigError(f"cannot read {path}")
+    found = [s for s in SECTIONS if s in parser]
+    if not found:
+        raise ConfigError(f"{path} has none of the sections {['[' + s + ']' for s in SECTIONS]} "
+                          f"(sections: {parser.sections()})")
+    return found[0], parser[found[0]]
+
+
+def _parse(kind: str, raw: str):
+    if kind == "bool":
+        return raw.strip().lower() in ("1", "true", "yes")
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    return raw

@@ -33,8 +33,11 @@ def resolve_model(name: Optional[str], revision: Optional[str] = None) -> ModelS
         return ModelSource(DEFAULT_MODEL_NAME, DEFAULT_MODEL_DIR)
     local = Path(name).expanduser()
     if local.is_dir():
-        if not (local / "config.json").exists():
-            raise ConfigError(f"{local} is a directory without a HuggingFace config.json")
+        from ft_runner.checkpoint.megatron import is_checkpoint
+
+        if not (local / "config.json").exists() and not is_checkpoint(local):
+            raise ConfigError(f"{local} is a directory without a HuggingFace config.json "
+                              f"(nor a Megatron-LM checkpoint with mp_rank_XX/ shards)")
         return ModelSource(local.resolve().name, local.resolve())
     if local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
         raise ConfigError(f"model directory {name} does not exist")

@@ -1,10 +1,17 @@
-"""Run under mpirun by test_parity.py: our TP x PP model against HF transformers.
+"""Run under mpirun by test_parity.py and test_families.py: our TP x PP model against HF transformers.
 
-Prints one line `PARITY max_abs_diff=... greedy_equal=...` on rank 0 and exits non-zero on a
-mismatch. Every rank converts nothing: rank 0 converts, the others load their shards.
+    mpirun -n TP*PP python parity_check.py --model DIR [DIR ...] --out OUT --tp T --pp P [--refs REFS]
+
+For each model directory (HF or Megatron-LM), rank 0 converts it to OUT/<name>/<TP>-gpu and every
+rank loads its shard; then the prompts' logits, their batched greedy continuations and each
+prompt's continuation alone (or the first --solo N) are compared with HF transformers'. The reference comes from
+REFS/<name>.npz (tiny_families.py writes them) or, without --refs, from HF on rank 0. Prints one
+line `PARITY model=... max_abs_diff=... greedy_equal=...` per model on rank 0 and exits non-zero
+if any model differs.
 """
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -20,42 +27,69 @@ from ft_runner.engine.generator import Batch, Generator
 PROMPTS = ["Thank you for", "Q: Are you going for lunch?", "a", "The class statement defines a new class"]
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=32)
-    args = p.parse_args()
-    runtime = parallel.init_runtime(args.tp, args.pp, "cpu")
-    ckpt = parallel.from_root(runtime.comm, lambda: str(convert(Path(args.model), Path(args.out), args.tp)))
+def hf_reference(model_dir: Path, new_tokens: int) -> dict:
+    """The same fields tiny_families.reference writes: prompt_i, logits_i, greedy_i."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ref = {}
+    for row, text in enumerate(PROMPTS):
+        ids = tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            ref[f"logits_{row}"] = hf(torch.tensor([ids])).logits[0].numpy()
+            ref[f"greedy_{row}"] = hf.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                                               pad_token_id=hf.config.eos_token_id)[0].numpy()
+        ref[f"prompt_{row}"] = np.array(ids)
+    return ref
+
+
+def check(model_dir: Path, args, runtime) -> bool:
+    name = model_dir.name
+    out_dir = Path(args.out) / name
+    ckpt = parallel.from_root(runtime.comm, lambda: str(convert(model_dir, out_dir, args.tp, log=lambda *_: None)))
     stage = load_stage(Path(ckpt), runtime.grid, runtime.tp_group, "fp32", runtime.device)
     generator = Generator(stage, runtime)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    prompts = [tokenizer(t)["input_ids"] for t in PROMPTS]
-    end_id = tokenizer.eos_token_id
+    if args.refs:
+        ref = dict(np.load(Path(args.refs) / f"{name}.npz"))
+    else:
+        ref = hf_reference(model_dir, args.new_tokens) if runtime.rank == 0 else None
+        ref = runtime.comm.bcast(ref, root=0)
+    prompts = [ref[f"prompt_{row}"].tolist() for row in range(len(PROMPTS))]
+    end_id = stage.config.end_id
     batch = Batch.make(prompts, args.new_tokens, end_id=end_id)
     logits = generator.prompt_logits(batch)
     out = generator.generate(batch)
-    alone = [generator.generate(Batch.make([p], args.new_tokens, end_id=end_id)) for p in prompts]
+    solo_rows = range(len(prompts) if args.solo is None else args.solo)
+    alone = {row: generator.generate(Batch.make([prompts[row]], args.new_tokens, end_id=end_id)) for row in solo_rows}
+    del generator, stage
+    gc.collect()
     if runtime.rank != 0:
-        return 0
-    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        return True
     worst, equal = 0.0, True
     for row, prompt in enumerate(prompts):
-        with torch.no_grad():
-            ref = hf(torch.tensor([prompt])).logits[0].numpy()
-        worst = max(worst, float(np.abs(logits[row, : len(prompt)] - ref).max()))
-        want = hf.generate(torch.tensor([prompt]), max_new_tokens=args.new_tokens, do_sample=False,
-                           pad_token_id=end_id)[0].tolist()
+        worst = max(worst, float(np.abs(logits[row, : len(prompt)] - ref[f"logits_{row}"]).max()))
+        want = ref[f"greedy_{row}"].tolist()
         got = out.output_ids[row, : out.sequence_lengths[row]].tolist()
-        solo = alone[row].output_ids[0, : alone[row].sequence_lengths[0]].tolist()
+        solo = alone[row].output_ids[0, : alone[row].sequence_lengths[0]].tolist() if row in alone else got
         equal &= got == want == solo
         if got != want or solo != got:
-            print(f"row {row}: ours {got}\n        hf   {want}\n        solo {solo}", flush=True)
-    print(f"PARITY tp={args.tp} pp={args.pp} max_abs_diff={worst:.2e} greedy_equal={equal}", flush=True)
-    return 0 if worst <= 1e-4 and equal else 1
+            print(f"{name} row {row}: ours {got}\n        hf   {want}\n        solo {solo}", flush=True)
+    print(f"PARITY model={name} tp={args.tp} pp={args.pp} max_abs_diff={worst:.2e} greedy_equal={equal}", flush=True)
+    return worst <= 1e-4 and equal
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True, nargs="+", type=Path)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--refs", default=None, help="directory of <model name>.npz references")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--solo", type=int, default=None, help="run only the first N prompts alone too (default: all)")
+    args = p.parse_args()
+    runtime = parallel.init_runtime(args.tp, args.pp, "cpu")
+    results = [check(model_dir, args, runtime) for model_dir in args.model]
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ import pytest
 import torch
 import transformers
 
-from ft_runner.checkpoint import convert as convert_mod
 from ft_runner.checkpoint import layout
 from ft_runner.checkpoint.convert import convert
 from ft_runner.config import ConfigError, ModelConfig

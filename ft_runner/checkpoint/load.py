@@ -1,8 +1,10 @@
 """Load this rank's shard of an FT checkpoint directory into a GPTStage.
 
-Reads directories written by our converter and by FT's own (fp32, no `tensor_para_size`: the
-checkpoint's TP is then taken from the `<N>-gpu` directory name). A checkpoint split for another
-TP is joined and re-split.
+Every tensor of the layout table that the config says the model has is read and copied into the
+parameter the table names; stages skip the tensors another pipeline stage holds. Reads directories
+written by our converter and by FT's own (which may lack `tensor_para_size`: the checkpoint's TP
+is then taken from the `<N>-gpu` directory name). A checkpoint split for another TP is joined and
+re-split.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from ft_runner.checkpoint import layout
-from ft_runner.config import ConfigError, ModelConfig
+from ft_runner.config import ConfigError, ModelConfig, read_section
 from ft_runner.model.decoder import GPTStage, padded_vocab
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,24 +30,13 @@ def read_config(ckpt_dir: Path) -> tuple[ModelConfig, int]:
     config = ModelConfig.from_ini(ckpt_dir / "config.ini")
     ckpt_tp = config.tensor_para_size
     match = re.fullmatch(r"(\d+)-gpu", ckpt_dir.name)
-    if match and not _has_key(ckpt_dir, "tensor_para_size"):
+    if match and "tensor_para_size" not in read_section(ckpt_dir / "config.ini")[1]:
         ckpt_tp = int(match.group(1))
     return config, ckpt_tp
 
 
-def _has_key(ckpt_dir: Path, key: str) -> bool:
-    import configparser
-
-    parser = configparser.ConfigParser()
-    parser.read(ckpt_dir / "config.ini")
-    return parser.has_option("gpt", key)
-
-
 def check_grid(config: ModelConfig, tp: int, pp: int) -> None:
-    if config.head_num % tp:
-        raise ConfigError(f"--tp {tp} does not divide the model's {config.head_num} attention heads")
-    if config.inter_size % tp:
-        raise ConfigError(f"--tp {tp} does not divide the model's FFN size {config.inter_size}")
+    config.check_tp(tp)
     if config.num_layer % pp:
         raise ConfigError(f"--pp {pp} does not divide the model's {config.num_layer} layers")
 
@@ -56,72 +47,59 @@ def load_stage(ckpt_dir: Path, grid, group, dtype: str, device: torch.device) ->
     check_grid(config, grid.tp, grid.pp)
     stage = GPTStage(config, grid, group)
     reader = _ShardReader(Path(ckpt_dir), config, ckpt_tp, grid.tp, grid.tp_rank)
-    if stage.wte is not None:
-        stage.wte.weight.copy_(reader.vocab_rows("wte"))
-        if stage.wpe is not None:
-            stage.wpe.weight.copy_(_t(reader.whole("wpe")))
-    if stage.lm_head is not None:
-        head = "lm_head.weight" if reader.exists("lm_head.weight") else "wte"
-        stage.lm_head.weight.copy_(reader.vocab_rows(head))
-        stage.ln_f.weight.copy_(_t(reader.whole("final_layernorm.weight")))
-        stage.ln_f.bias.copy_(_t(reader.whole("final_layernorm.bias")))
+    for spec in layout.global_specs(config):
+        _load(stage, spec, None, reader)
     for local, block in enumerate(stage.layers):
-        _load_block(block, reader, stage.first_layer + local, config.hidden_size)
+        for spec in layout.layer_specs(config):
+            _load(block, spec, stage.first_layer + local, reader)
     return stage.to(device=device, dtype=TORCH_DTYPES[dtype]).eval()
 
 
-def _load_block(block, reader, i: int, hidden: int) -> None:
-    p = f"layers.{i}."
-    block.ln1.weight.copy_(_t(reader.whole(p + "input_layernorm.weight")))
-    block.ln1.bias.copy_(_t(reader.whole(p + "input_layernorm.bias")))
-    block.ln2.weight.copy_(_t(reader.whole(p + "post_attention_layernorm.weight")))
-    block.ln2.bias.copy_(_t(reader.whole(p + "post_attention_layernorm.bias")))
-    qkv = reader.shard(p + "attention.query_key_value.weight")  # (H, 3, H/T): [in, out]
-    block.attn.qkv.weight.copy_(_t(qkv.reshape(hidden, -1).T))
-    block.attn.qkv.bias.copy_(_t(reader.shard(p + "attention.query_key_value.bias").reshape(-1)))
-    block.attn.dense.weight.copy_(_t(reader.shard(p + "attention.dense.weight").T))
-    block.attn.dense.bias.copy_(_t(reader.whole(p + "attention.dense.bias")))
-    block.mlp.fc1.weight.copy_(_t(reader.shard(p + "mlp.dense_h_to_4h.weight").T))
-    block.mlp.fc1.bias.copy_(_t(reader.shard(p + "mlp.dense_h_to_4h.bias")))
-    block.mlp.fc2.weight.copy_(_t(reader.shard(p + "mlp.dense_4h_to_h.weight").T))
-    block.mlp.fc2.bias.copy_(_t(reader.whole(p + "mlp.dense_4h_to_h.bias")))
+def _load(module: torch.nn.Module, spec: layout.TensorSpec, layer: int | None, reader: _ShardReader) -> None:
+    param = _find(module, spec.param)
+    if param is None:  # held by another pipeline stage
+        return
+    if spec.vocab:
+        value = reader.vocab_rows(spec)
+    elif spec.split is not None:
+        value = reader.shard(spec, layer)
+    else:
+        value = reader.whole(spec, layer)
+    if spec.kernel:  # [in, ...out] -> torch's [out, in]
+        value = value.reshape(value.shape[0], -1).T
+    param.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(param.shape))
 
 
-def _t(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array))
+def _find(module: torch.nn.Module, path: str) -> torch.Tensor | None:
+    """`module.a.b.weight`, or None where a module on the way is absent on this stage."""
+    *owners, leaf = path.split(".")
+    for name in owners:
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return getattr(module, leaf)
 
 
 class _ShardReader:
-    """Reads tensors by FT name and cuts out this rank's slice along the layout's split axis."""
+    """Reads tensors of the layout table and cuts out this rank's slice."""
 
     def __init__(self, directory: Path, config: ModelConfig, ckpt_tp: int, tp: int, tp_rank: int):
         self.directory, self.config, self.ckpt_tp = directory, config, ckpt_tp
         self.tp, self.tp_rank = tp, tp_rank
-        self.specs = {}
-        for spec, layer in layout.all_specs(config):
-            name = spec.name.format(i=layer) if layer is not None else spec.name
-            self.specs[name] = (spec, layer)
 
-    def exists(self, name: str) -> bool:
-        spec, layer = self.specs[name]
-        return (self.directory / spec.file_names(self.ckpt_tp, layer)[0]).exists()
-
-    def whole(self, name: str) -> np.ndarray:
-        spec, layer = self.specs[name]
+    def whole(self, spec: layout.TensorSpec, layer: int | None) -> np.ndarray:
         return layout.read_tensor(self.directory, spec, layer, self.config, self.ckpt_tp)
 
-    def shard(self, name: str) -> np.ndarray:
-        spec, layer = self.specs[name]
+    def shard(self, spec: layout.TensorSpec, layer: int | None) -> np.ndarray:
         if self.ckpt_tp == self.tp:  # read only this rank's file
-            path = self.directory / spec.file_names(self.tp, layer)[self.tp_rank]
-            shape = list(spec.shape(self.config))
-            shape[spec.split_axis] //= self.tp
-            return layout.read_file(path, tuple(shape), self.config.weight_data_type)
-        return np.split(self.whole(name), self.tp, axis=spec.split_axis)[self.tp_rank]
+            return layout.read_piece(self.directory, spec, layer, self.config, self.tp, self.tp_rank)
+        return spec.split.split(self.whole(spec, layer), self.tp, self.config)[self.tp_rank]
 
-    def vocab_rows(self, name: str) -> torch.Tensor:
-        """Rows of an embedding, the vocabulary padded with zero rows to a multiple of TP."""
-        table = self.whole(name)
+    def vocab_rows(self, spec: layout.TensorSpec) -> np.ndarray:
+        """Rows of an embedding (or LM-head bias), the vocabulary padded with zeros to a multiple of TP."""
+        if spec.fallback and not layout.exists(self.directory, spec, None, self.ckpt_tp):
+            spec = next(s for s in layout.GLOBAL_TENSORS if s.name == spec.fallback)
+        table = self.whole(spec, None)
         padded = padded_vocab(table.shape[0], self.tp)
-        table = np.concatenate([table, np.zeros((padded - table.shape[0], table.shape[1]), table.dtype)])
-        return _t(np.split(table, self.tp)[self.tp_rank])
+        table = np.concatenate([table, np.zeros((padded - table.shape[0], *table.shape[1:]), table.dtype)])
+        return np.split(table, self.tp)[self.tp_rank]

@@ -5,15 +5,13 @@ Weights are held as [out, in] (torch's Linear layout) for the local shard.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 
-def all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(x, group=group)
     return x
@@ -64,14 +62,15 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(nn.Module):
     """logits = h E^T over the whole vocabulary, gathered from every rank's vocabulary slice."""
 
-    def __init__(self, vocab_local: int, hidden: int, vocab_size: int, group):
+    def __init__(self, vocab_local: int, hidden: int, vocab_size: int, group, bias: bool = False):
         super().__init__()
         self.group = group
         self.vocab_size = vocab_size
         self.weight = nn.Parameter(torch.empty(vocab_local, hidden), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(vocab_local), requires_grad=False) if bias else None
 
     def forward(self, h):
-        local = F.linear(h, self.weight)
+        local = F.linear(h, self.weight, self.bias)
         if self.group is not None and dist.get_world_size(self.group) > 1:
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
             dist.all_gather(parts, local.contiguous(), group=self.group)
