@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from helpers import ROOT, Server
 
 sys.path.insert(0, str(ROOT / "benchmarks" / "load"))

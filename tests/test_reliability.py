@@ -396,6 +396,14 @@ def test_ports_bind_only_the_requested_address(server):
 
 
 
+def test_sigkill_of_rank0_ends_every_rank(server):
+    """The last user of the shared server: it kills it."""
+    pids = server.rank_pids()
+    start = time.time()
+    os.kill(server.rank0_pid(), signal.SIGKILL)
+    assert_job_ends(server, pids, start, nonzero=True)
+
+
 # -- faults -----------------------------------------------------------------------------------------------
 
 
@@ -416,56 +424,46 @@ def test_worker_exception_fails_the_request_clearly_and_ends_the_job(tiny_gpt2, 
 
 def test_hung_rank_fails_the_health_probe_then_sigkill_of_it_fails_in_flight_requests(tiny_gpt2, tmp_path):
     server = fault_server(tiny_gpt2, tmp_path, "worker_hang:1").start()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         pids = server.rank_pids()
-        assert health(server)["ok"] is True
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            in_flight = pool.submit(generate, server, ["Hello"], [4], 60)  # the worker hangs in it
-            time.sleep(1.0)
-            start = time.time()
-            probe = health(server, timeout_s=2.0)
-            assert time.time() - start < 10, "the health probe must fail, not hang"
-            assert "unhealthy: a one-token generation through all ranks did not finish in 2 s" in probe["error"]
-            worker = next(p for p in pids if p != server.rank0_pid())
-            start = time.time()
-            os.kill(worker, signal.SIGKILL)
-            with pytest.raises(InferenceServerException, match="generation failed on the rank grid"):
-                in_flight.result(timeout=EXIT_DEADLINE_S)
+        assert health(server)["ok"] is True  # batch 0
+        in_flight = pool.submit(generate, server, ["Hello"], [4], 60)  # batch 1: the worker hangs in it
+        time.sleep(1.0)
+        start = time.time()
+        probe = health(server, timeout_s=2.0)
+        assert time.time() - start < EXIT_DEADLINE_S, "the health probe must fail, not hang"
+        assert "unhealthy: a one-token generation through all ranks did not finish in 2 s" in probe["error"]
+        worker = next(p for p in pids if p != server.rank0_pid())
+        start = time.time()
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(InferenceServerException, match="generation failed on the rank grid"):
+            in_flight.result(timeout=EXIT_DEADLINE_S)
         assert time.time() - start < EXIT_DEADLINE_S
         assert_job_ends(server, pids, start, nonzero=True)
     finally:
         server.kill_all()
-
-
-def test_sigkill_of_rank0_ends_every_rank(tiny_gpt2, tmp_path):
-    server = fault_server(tiny_gpt2, tmp_path, "").start()
-    try:
-        pids = server.rank_pids()
-        start = time.time()
-        os.kill(server.rank0_pid(), signal.SIGKILL)
-        assert_job_ends(server, pids, start, nonzero=True)
-    finally:
-        server.kill_all()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def test_sigterm_to_rank0_completes_in_flight_requests_refuses_new_ones_and_exits_zero(tiny_gpt2, tmp_path):
+    """Signalled directly: Open MPI turns a SIGTERM to mpirun into SIGKILL 0.25 s later (cpu_stack.md §4)."""
     server = fault_server(tiny_gpt2, tmp_path, "worker_delay:3").start()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         pids = server.rank_pids()
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            in_flight = pool.submit(generate, server, ["Hello there"], [6])
-            time.sleep(1.0)  # the request is now in its 3 s batch
-            start = time.time()
-            os.kill(server.rank0_pid(), signal.SIGTERM)
-            time.sleep(0.5)
-            with pytest.raises(InferenceServerException, match="shutting down and accepts no new requests"):
-                generate(server, ["Hello"], [4])
-            print("refused", time.time() - start)
-            assert in_flight.result(timeout=30)[0].startswith("Hello there")
-            print("in flight done", time.time() - start)
+        in_flight = pool.submit(generate, server, ["Hello there"], [6])
+        time.sleep(1.0)  # the request is now in its 3 s batch
+        start = time.time()
+        os.kill(server.rank0_pid(), signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(InferenceServerException, match="the server is shutting down and accepts no new requests"):
+            generate(server, ["Hello"], [4])
+        assert in_flight.result(timeout=30)[0].startswith("Hello there")
         assert_job_ends(server, pids, start, nonzero=False, within=30)
     finally:
         server.kill_all()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # -- startup failures: one actionable line, every rank exits non-zero -------------------------------------
@@ -481,6 +479,19 @@ def test_a_missing_model_directory_is_one_clear_error(tmp_path):
     rc, out = run_to_failure(tmp_path, "--tp", "2", "--hf-model-name", str(tmp_path / "no_such_model"))
     assert rc != 0
     assert out.count(f"error: model directory {tmp_path / 'no_such_model'} does not exist") == 1, out
+
+
+def test_a_port_in_use_is_one_clear_error_before_anything_loads(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, out = run_to_failure(tmp_path, "--tp", "2", "--http-port", str(port))
+    assert rc != 0
+    message = f"error: --http-port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)"
+    assert out.count(message) == 1, out
 
 
 def test_out_of_memory_while_loading_is_one_actionable_line(tiny_gpt2, tmp_path):

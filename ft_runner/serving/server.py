@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -107,6 +108,7 @@ def _serve(args, comm) -> int:
     weight_dtype = args.weight_data_type or dtype
 
     def prepare() -> str:
+        _check_ports(args)
         source = resolve_model(args.hf_model_name, args.revision)
         out = Path(args.output_dir).resolve() / source.key
         path = convert(source.path, out, args.tp, weight_dtype, args.trust_remote_code, log=LOG.info)
@@ -126,6 +128,22 @@ def _serve(args, comm) -> int:
         _serve_worker(generator, channel)
     parallel.shutdown(runtime)
     return 0
+
+
+def _check_ports(args) -> None:
+    """Refuse a taken port before loading anything (Triton would fail later, and less clearly)."""
+    ports = [("--http-port", args.http_port), ("--grpc-port", args.grpc_port), ("--metrics-port", args.metrics_port),
+             ("--openai-port", args.openai_port)]
+    for flag, port in ports:
+        if not port:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in args.bind_address else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((args.bind_address, port))
+            except OSError as exc:
+                raise ConfigError(f"{flag} {port}: cannot listen on {args.bind_address}:{port} ({exc.strerror}); "
+                                  "stop what holds it or choose another port") from None
 
 
 def _one_line(exc: BaseException) -> str:
