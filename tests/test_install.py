@@ -4,6 +4,7 @@ entry point run outside a container."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -13,12 +14,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import ROOT, VENV_BIN, free_ports, mpi_env, port_free
 
 INSTALL = ROOT / "install.sh"
-SHELL_SCRIPTS = ["install.sh", "docker/entrypoint.sh", "slurm/ft_on_pytriton.sbatch", "slurm/task_prolog.sh",
-                 "slurm/task_epilog.sh"]
+SHELL_SCRIPTS = [
+    "install.sh",
+    "docker/entrypoint.sh",
+    "slurm/ft_on_pytriton.sbatch",
+    "slurm/task_prolog.sh",
+    "slurm/task_epilog.sh",
+]
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -32,12 +37,15 @@ def _tool(name: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--torch", "gpu"], "--torch must be cpu, cuda or skip (got 'gpu')"),
-    (["--wheelhouse", "a", "--offline", "b"], "--wheelhouse and --offline exclude each other"),
-    (["--offline", "/nonexistent/wheels"], "--offline /nonexistent/wheels: no such directory"),
-    (["--frobnicate"], "unknown option --frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--torch", "gpu"], "--torch must be cpu, cuda or skip (got 'gpu')"),
+        (["--wheelhouse", "a", "--offline", "b"], "--wheelhouse and --offline exclude each other"),
+        (["--offline", "/nonexistent/wheels"], "--offline /nonexistent/wheels: no such directory"),
+        (["--frobnicate"], "unknown option --frobnicate"),
+    ],
+)
 def test_bad_flags_are_refused_before_installing(tmp_path, args, message):
     out = _run("bash", str(INSTALL), *args, env=dict(os.environ, VENV=str(tmp_path / "venv")))
     assert out.returncode != 0 and message in out.stderr, out.stderr
@@ -55,8 +63,9 @@ def _offline_env(venv: Path) -> dict:
     """No index, no find-links of this machine, no proxy that works: only the wheelhouse can serve pip."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_") and "proxy" not in k.lower()}
     dead = "http://127.0.0.1:9"
-    env.update(VENV=str(venv), PIP_CONFIG_FILE=os.devnull, http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead,
-               HTTPS_PROXY=dead, PIP_COMPILE="0")  # PIP_COMPILE=0: skip writing .pyc files, saves a minute
+    env.update({name: dead for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")})
+    # PIP_COMPILE=0: no .pyc files at install time (imports write them later); saves about a minute.
+    env.update(VENV=str(venv), PIP_CONFIG_FILE=os.devnull, PIP_COMPILE="0")
     return env
 
 
@@ -91,8 +100,14 @@ def test_dockerfile_contract():
     text = (ROOT / "docker" / "Dockerfile").read_text()
     base = next(line.split()[1] for line in text.splitlines() if line.startswith("FROM "))
     assert base.startswith("nvidia/cuda:") and "-runtime-" in base and "latest" not in base, base
-    for needle in ("EXPOSE 8000 8001 8002", "/v2/health/ready", "HEALTHCHECK", "USER 10001", "bash install.sh --torch",
-                   'ENTRYPOINT ["/opt/ft_runner/docker/entrypoint.sh"]'):
+    for needle in (
+        "EXPOSE 8000 8001 8002",
+        "/v2/health/ready",
+        "HEALTHCHECK",
+        "USER 10001",
+        "bash install.sh --torch",
+        'ENTRYPOINT ["/opt/ft_runner/docker/entrypoint.sh"]',
+    ):
         assert needle in text, needle
 
 
@@ -106,8 +121,9 @@ def test_compose_file():
 
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     service = compose["services"]["ft_runner"]
-    assert (ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]).resolve() == \
-        ROOT / "docker" / "Dockerfile"
+    assert (
+        ROOT / "docker" / service["build"]["context"] / service["build"]["dockerfile"]
+    ).resolve() == ROOT / "docker" / "Dockerfile"
     gpus = service["deploy"]["resources"]["reservations"]["devices"]
     assert gpus == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     assert service["init"] is True and service["restart"] == "unless-stopped" and service["shm_size"]
@@ -121,19 +137,32 @@ def test_compose_file():
 def test_entrypoint_serves_and_stops_gracefully_on_sigterm(tmp_path):
     """docker/entrypoint.sh as `docker run` would start it, minus the container; SIGTERM is `docker stop`."""
     http, grpc, metrics = free_ports(3)
-    env = mpi_env(TP="2", PP="1", OUTPUT_DIR=str(tmp_path / "ft_models"), HTTP_PORT=str(http), GRPC_PORT=str(grpc),
-                  METRICS_PORT=str(metrics))
+    env = mpi_env(
+        TP="2",
+        PP="1",
+        OUTPUT_DIR=str(tmp_path / "ft_models"),
+        HTTP_PORT=str(http),
+        GRPC_PORT=str(grpc),
+        METRICS_PORT=str(metrics),
+    )
     log = open(tmp_path / "entrypoint.log", "w")
-    proc = subprocess.Popen([str(ROOT / "docker" / "entrypoint.sh"), "--bind-address", "127.0.0.1"], cwd=ROOT,
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(ROOT / "docker" / "entrypoint.sh"), "--bind-address", "127.0.0.1"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while not _model_ready(http):
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "entrypoint.log").read_text()
             time.sleep(0.5)
-        client = _run(str(VENV_BIN / "python"), "client.py", "--url", f"http://127.0.0.1:{http}", "--prompts",
-                      "Thank you for", "--output-len", "4", env=env)
-        assert client.returncode == 0 and "sentences: ['Thank you for" in client.stdout, client.stderr
+        flags = f"--url http://127.0.0.1:{http} --output-len 4 --json".split()
+        client = _run(str(VENV_BIN / "python"), "client.py", *flags, "--prompts", "Thank you for", env=env)
+        assert client.returncode == 0, client.stderr
+        assert json.loads(client.stdout)["sentences"][0].startswith("Thank you for"), client.stdout
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, (tmp_path / "entrypoint.log").read_text()
         assert "stopping: requests drained" in (tmp_path / "entrypoint.log").read_text()
