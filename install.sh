@@ -98,14 +98,14 @@ if [ -n "$wheelhouse" ]; then
   exit 0
 fi
 
+current=$(installed_torch_build)
+if [ "$torch_variant" != skip ] && [ "$current" != none ] && [ "$current" != "$torch_variant" ]; then
+  echo "install.sh: replacing the $current build of torch by the $torch_variant build"
+  pip uninstall -q -y torch
+fi
 if [ -n "$offline" ]; then
   pip install -q --no-index --find-links "$offline" -r "$reqs"
 else
-  current=$(installed_torch_build)
-  if [ "$torch_variant" != skip ] && [ "$current" != none ] && [ "$current" != "$torch_variant" ]; then
-    echo "install.sh: replacing the $current build of torch by the $torch_variant build"
-    pip uninstall -q -y torch
-  fi
   # shellcheck disable=SC2046
   pip install -q -r "$reqs" $(torch_index_args)
 fi
@@ -115,6 +115,7 @@ pip check >/dev/null || { pip check; exit 1; }
 build=$(installed_torch_build)
 [ "$build" != none ] || die "torch is not installed in $VENV (--torch skip keeps an existing one only)"
 if [ "$torch_variant" = cuda ] && [ "$build" = cpu ]; then
+  [ -z "$offline" ] || die "--torch cuda, but $offline holds torch's CPU build: make it with --wheelhouse DIR --torch cuda"
   die "--torch cuda, but pip installed torch's CPU build: set TORCH_CUDA_INDEX, e.g." \
       "TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128 bash install.sh --torch cuda"
 fi
