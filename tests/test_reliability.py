@@ -44,6 +44,14 @@ class RecordingServer(Server):
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, env=mpi_env(**self.env), stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.kill_all()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -51,7 +59,7 @@ class RecordingServer(Server):
             log, ready = self.output(), self.ready()
             self.polls.append((time.time(), ready, log))
             if ready and "rank 0 pid" in log:
-                return self
+                return
             time.sleep(0.1)
         raise TimeoutError(f"server not ready in {self.ready_timeout}s:\n{self.output()}")
 
@@ -59,9 +67,18 @@ class RecordingServer(Server):
         return int(re.search(r"rank 0 pid (\d+)", self.output()).group(1))
 
     def kill_all(self) -> None:
+        """SIGKILL mpirun and every rank (Open MPI gives each rank its own process group, so killing
+        mpirun's alone would orphan them); tritonserver follows its rank 0, the janitor cleans up."""
+        ranks = self.rank_pids()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        self.log.close()
 
 
 def text_inputs(prompts, output_lens) -> list:
@@ -135,9 +152,10 @@ def server(tiny_gpt2, tmp_path_factory):
     """TP 2 on 2 ranks; rank 1 loads its shard 4 s slower, so readiness is polled while it loads."""
     server = RecordingServer(2, "--tp", "2", "--hf-model-name", str(tiny_gpt2), tmp=tmp_path_factory.mktemp("rel"),
                              env={"FT_RUNNER_FAULT_INJECT": "load_delay:1:4"})
-    server.start()
-    yield server
-    server.stop()
+    try:
+        yield server.start()
+    finally:
+        server.kill_all()
 
 
 @pytest.fixture(scope="module")

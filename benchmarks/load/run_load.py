@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -25,15 +27,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(HERE))
 
 import loadgen  # noqa: E402
 from helpers import Server  # noqa: E402
 
+from ft_runner.serving.server import ACCESS_TOKEN_ENV  # noqa: E402
+
 MODEL = "tiny_gpt2"  # the embedded default model
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 OUTPUT_LEN = 16
+ACCESS_TOKEN = secrets.token_urlsafe(16)
 
 
 def triton_counts(server) -> dict[str, float]:
@@ -53,6 +59,7 @@ def perf_analyzer(server, concurrency: int, duration_s: float, work: Path) -> di
                                           "request_output_len": {"content": [OUTPUT_LEN], "shape": [1]}}]}))
     report = work / f"pa-{concurrency}.csv"
     cmd = [str(HERE / "perf_analyzer.sh"), "-m", MODEL, "-u", f"127.0.0.1:{server.http}", "-i", "http",
+           "-H", f"triton-access-token:{ACCESS_TOKEN}",  # perf_analyzer reads Triton's restricted statistics
            "--input-data", str(data), "--concurrency-range", str(concurrency),
            "--measurement-interval", str(int(duration_s * 1000 / 3)), "--max-trials", "3",
            "--stability-percentage", "999", "-f", str(report)]
@@ -67,7 +74,9 @@ def perf_analyzer(server, concurrency: int, duration_s: float, work: Path) -> di
     us = {q: float(row[f"p{q} latency"]) for q in (50, 90, 95, 99)}
     return {"concurrency": concurrency, "throughput_rps": float(row["Inferences/Second"]), "failures": 0,
             "errors": {}, "elapsed_s": elapsed, **{f"p{q}_ms": v / 1e3 for q, v in us.items()},
-            "avg_ms": float(row["Avg latency"]) / 1e3}
+            "avg_ms": float(re.search(r"Avg latency: (\d+) usec", out.stdout).group(1)) / 1e3,
+            "server_queue_ms": float(row["Server Queue"]) / 1e3,
+            "server_compute_ms": float(row["Server Compute Infer"]) / 1e3}
 
 
 def measure(server, tool: str, concurrency: int, duration_s: float, work: Path) -> dict:
@@ -108,6 +117,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results.json")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="ft_runner_load_"))
+    os.environ[ACCESS_TOKEN_ENV] = ACCESS_TOKEN  # the server's ranks inherit it through mpirun
     with Server(args.tp, "--tp", str(args.tp), tmp=work) as server:
         loadgen.run(server.http_url, MODEL, 2, 3.0, PROMPT, OUTPUT_LEN)  # warm-up, not measured
         results = []

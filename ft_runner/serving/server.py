@@ -23,6 +23,7 @@ LOG = logging.getLogger("ft_runner")
 # other ranks wait at most this long for rank 0 to end the job before ending it themselves.
 ANSWER_GRACE_S = 0.5
 WORKER_WAIT_S = 5.0
+ACCESS_TOKEN_ENV = "FT_RUNNER_ACCESS_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +180,7 @@ def _serve_worker(generator, channel) -> None:
 
 def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
     import transformers
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     from ft_runner.serving.engine import Engine
     from ft_runner.serving.health import INPUTS as HEALTH_INPUTS
@@ -204,7 +205,10 @@ def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
         signal.signal(sig, lambda *_: (stop.set(), engine.stop_accepting()))
     workspace = Path(tempfile.mkdtemp(prefix="ft_runner_triton_"))
     _start_janitor(workspace)
-    with Triton(config=config, workspace=workspace / "triton") as triton:
+    # Triton's model-repository, statistics, trace, logging and shared-memory endpoints need this token
+    # (header triton-access-token); without FT_RUNNER_ACCESS_TOKEN it is random and known to no one.
+    security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
+    with Triton(config=config, workspace=workspace / "triton", security_config=security) as triton:
         triton.bind(model_name=model_name, infer_func=text_model.infer, inputs=INPUTS, outputs=OUTPUTS,
                     config=text_model.model_config, strict=True)
         _bind_extra_models(triton, args, engine, tokenizer, generator.model.config, model_name)
