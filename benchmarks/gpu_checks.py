@@ -13,8 +13,9 @@ then batched without CUDA graphs); rank 0 compares with HF transformers on its G
   the fused decode step itself, whatever the tokens);
 - greedy tokens against HF's own greedy generate in the same dtype (matching prefix length),
   batched == alone == without graphs.
-Pass: fp32: tokens equal and logits within 1e-3; fp16: relative errors <= 1e-2, and the first 32
-greedy tokens equal HF's or the logits agree within 1e-2 (fp16 noise can flip a near-tie).
+Pass: fp32: tokens equal and logits within 1e-3; fp16: relative errors of logits and decode
+log-probs <= 1e-2 (or <= twice HF's own fp16-vs-fp32 error where that is larger: the tiny models'
+large weights amplify rounding); the greedy prefix is reported (fp16 noise can flip a near-tie).
 Prints `GPUCHECK ...` lines and `GPUCHECKS ok` / `GPUCHECKS FAILED` (exit 1) on rank 0.
 """
 
@@ -58,7 +59,7 @@ def hf_reference(model_dir: Path, prompts, dtype, device, ours) -> dict:
     """HF fp32: prompt logits and scores of our sequences; HF in `dtype`: its own greedy tokens."""
     import transformers
 
-    ref = {"logits": [], "scores": [], "greedy": []}
+    ref = {"logits": [], "scores": [], "greedy": [], "own_rel": 0.0}
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     eos = hf.config.eos_token_id
     with torch.no_grad():
@@ -69,6 +70,9 @@ def hf_reference(model_dir: Path, prompts, dtype, device, ours) -> dict:
             new = torch.tensor(seq[len(ids):], device=device)
             ref["scores"].append(logp[len(ids) - 1: len(seq) - 1].gather(1, new[:, None])[:, 0].cpu().numpy())
         hf = hf.to(dtype)
+        for row, ids in enumerate(prompts):  # HF's own error in this dtype: the floor for ours
+            own = hf(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy()
+            ref["own_rel"] = max(ref["own_rel"], rel(own, ref["logits"][row]))
         for ids in prompts:
             out = hf.generate(torch.tensor([ids], device=device), max_new_tokens=NEW_TOKENS, do_sample=False,
                               pad_token_id=eos)
@@ -135,10 +139,12 @@ def check_model(model_dir: Path, dtype: str, args, runtime) -> bool:
     consistent = ours == solo == no_graph
     if dtype == "fp32":
         ok = consistent and agree >= wanted and abs_diff <= 1e-3 and score_rel <= 1e-4
-    else:
-        ok = consistent and score_rel <= 1e-2 and logit_rel <= 1e-2
+    else:  # fp16 / bf16: within 1e-2, or within twice HF's own error in this dtype where that is larger
+        limit = max(1e-2, 2 * ref["own_rel"])
+        ok = consistent and score_rel <= limit and logit_rel <= limit
     print(f"GPUCHECK {'ok  ' if ok else 'FAIL'} model={model_dir.name} dtype={dtype} tp={args.tp} decoder={decoder} "
-          f"logits_max_abs={abs_diff:.2e} logits_rel={logit_rel:.2e} decode_logprob_rel={score_rel:.2e} "
+          f"logits_max_abs={abs_diff:.2e} logits_rel={logit_rel:.2e} (hf_{dtype}_rel={ref['own_rel']:.2e}) "
+          f"decode_logprob_rel={score_rel:.2e} "
           f"greedy_prefix_vs_hf={agree}/{wanted} batched==alone==no_graphs={consistent}", flush=True)
     if not consistent:
         for r in range(len(prompts)):

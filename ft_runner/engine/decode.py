@@ -16,6 +16,7 @@ become views into the fused tensors, so nothing is held twice.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
@@ -156,6 +157,8 @@ class FusedDecoder:
         """tokens, positions (R,) -> logits (R, V_local) or gathered (TP, R, V_local) on the last
         stage (vocab padding included: see `full_logits`), None on the others."""
         h = self._stage_input(tokens, positions)
+        if self.group is None and tokens.shape[0] == 1 and os.environ.get("FT_RUNNER_FUSE_NORM", "1") != "0":
+            return self._logits_single(h, positions, cache)
         h, x = ops.add_norm(h, None, None, *self.layers[0].norm1.args())
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else self.final_norm
@@ -165,6 +168,42 @@ class FusedDecoder:
             dist.send(h.contiguous(), dst=self.grid.stage_rank(self.grid.pp_rank + 1))
             return None
         return self._head(h if x is None else x)  # x is None: the model has no final norm
+
+    def _logits_single(self, h, positions, cache):
+        """One row, one rank: every norm runs inside the GEMV that reads it and every residual add
+        inside the GEMV that produces it (3 to 5 kernels a layer)."""
+        for i, layer in enumerate(self.layers):
+            attend = self._attend(cache.k[i], cache.v[i], positions)
+            h = (self._parallel_single if layer.parallel else self._sequential_single)(layer, h, attend)
+        if not self.grid.is_last_stage:
+            dist.send(h.contiguous(), dst=self.grid.stage_rank(self.grid.pp_rank + 1))
+            return None
+        return self._head(h, self.final_norm)
+
+    def _sequential_single(self, layer: FusedLayer, h, attend):
+        attn = attend(ops.linear(h, layer.qkv_w, layer.qkv_b, norm=layer.norm1.args()))
+        h = ops.linear(attn, layer.out_w, layer.out_b, residual=h)
+        f = ops.linear(h, layer.fc1_w, layer.fc1_b, self.act, self.gated, norm=layer.norm2.args())
+        return ops.linear(f, layer.fc2_w, layer.fc2_b, residual=h)
+
+    def _parallel_single(self, layer: FusedLayer, h, attend):
+        local, width, buf = self._parallel_buffer(layer, h)
+        if layer.fc1_w is None:
+            ops.linear(h, layer.qkv_w, layer.qkv_b, self.act, act_cols=width, out=buf[:, local:],
+                       norm=layer.norm1.args())
+        else:
+            ops.linear(h, layer.qkv_w, layer.qkv_b, out=buf[:, local + width:], norm=layer.norm1.args())
+            norm = (layer.norm2 or layer.norm1).args()
+            ops.linear(h, layer.fc1_w, layer.fc1_b, self.act, self.gated, out=buf[:, local:local + width], norm=norm)
+        attend(buf[:, local + width:], out=buf[:, :local])
+        return ops.linear(buf[:, :local + width], layer.out_w, layer.out_b, residual=h)
+
+    def _parallel_buffer(self, layer: FusedLayer, x):
+        """[attention out | activated MLP hidden | q k v] for R rows: the output GEMM reads its first
+        two parts as one input."""
+        local, width = self.heads * self.head_dim, layer.mlp_width
+        qkv_width = (self.heads + 2 * self.kv_heads) * self.head_dim
+        return local, width, torch.empty((x.shape[0], local + width + qkv_width), dtype=x.dtype, device=x.device)
 
     def _stage_input(self, tokens, positions):
         if self.grid.is_first_stage:
@@ -199,10 +238,7 @@ class FusedDecoder:
         return self._residual(h, self._reduce(ops.linear(f, layer.fc2_w)), layer.fc2_b, nxt)
 
     def _parallel(self, layer: FusedLayer, h, x, nxt, attend):
-        # buf = [attention out | activated MLP hidden | q k v]; the output GEMM reads its first two parts
-        local, width = self.heads * self.head_dim, layer.mlp_width
-        qkv_width = (self.heads + 2 * self.kv_heads) * self.head_dim
-        buf = torch.empty((x.shape[0], local + width + qkv_width), dtype=x.dtype, device=x.device)
+        local, width, buf = self._parallel_buffer(layer, x)
         if layer.fc1_w is None:  # [fc1 ; qkv] in one GEMM, the activation on its MLP columns only
             ops.linear(x, layer.qkv_w, layer.qkv_b, self.act, act_cols=width, out=buf[:, local:])
         else:
@@ -213,9 +249,9 @@ class FusedDecoder:
         y = self._reduce(ops.linear(buf[:, :local + width], layer.out_w))
         return self._residual(h, y, layer.out_b, nxt)
 
-    def _head(self, x):
+    def _head(self, x, norm: Norm | None = None):
         head = self.stage.lm_head
-        local = ops.linear(x, head.weight, head.bias)
+        local = ops.linear(x, head.weight, head.bias, norm=norm.args() if norm is not None else None)
         if self.group is None:
             return local
         parts = torch.empty((self.grid.tp * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)

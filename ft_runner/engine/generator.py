@@ -30,6 +30,9 @@ from ft_runner.kernels import ops
 
 CACHE_GRANULE = 256  # the persistent KV cache grows in steps of this many positions
 STREAM_LAG = 4  # steps the host may run ahead of the tokens it has seen
+PROMPT_GRANULE = 64  # captured prefills pad prompts to a multiple of this many tokens
+MAX_PROMPT_GRAPH_TOKENS = 1 << 16  # larger prefills run eagerly (their launch overhead is relatively small)
+MAX_PROMPT_GRAPHS = 16
 
 WORD_LISTS = ("stop_words", "bad_words")
 
@@ -111,6 +114,10 @@ class Generator:
         self.graphs = StepGraphs() if graphs else None
         self._kv: KVCache | None = None  # with graphs: one cache for every batch, grown on demand
         self._states: dict[int, StepState] = {}  # with graphs: the step state of each padded batch size
+        self._prompts: dict[tuple[int, int], torch.Tensor] = {}  # with graphs: prefill inputs per (rows, length)
+        rotary = getattr(model, "rotary", None)
+        if self.graphs is not None and rotary is not None and rotary.inv is not None:
+            rotary.inv = rotary.inv.to(self.device)  # no host-to-device copy inside a captured prefill
 
     @torch.inference_mode()
     def generate(self, batch: Batch, on_token=None) -> Output:
@@ -128,11 +135,7 @@ class Generator:
         state.load(batch)
         history = DecodeState(batch, self.vocab, self.device) if mode == "eager" else None
 
-        ids = torch.from_numpy(batch.input_ids).to(self.device)
-        lengths = state.lengths[:B]
-        positions = torch.arange(S, device=self.device).expand(B, -1)
-        logits = self._forward(ids, positions, lengths, cache.rows(B), lengths - 1, prefill=True)
-        self._choose(_pad_rows(logits, state.rows), state, history, mode)
+        self._prefill(batch, state, cache, history, mode)
         stream = TokenStream(state, B, on_token, lag=STREAM_LAG if self.device.type == "cuda" else 0)
         stream.push(0)
         rows = cache.rows(state.rows)
@@ -152,6 +155,38 @@ class Generator:
         steps = stream.steps or max_new
         return self._output(batch, state.tokens[:steps, :B].T, state.logprobs[:steps, :B].T, state.produced[:B],
                             state.reasons[:B])
+
+    def _prefill(self, batch: Batch, state: StepState, cache: KVCache, history, mode: str) -> None:
+        """The prompts' forward pass and the first token. With CUDA graphs, prompts are padded to a
+        multiple of PROMPT_GRANULE (the padding is causal-masked and its cache slots are rewritten
+        before any row reads them) and the pass is captured per (padded batch, length, mode)."""
+        B, S = batch.input_ids.shape
+        rows, length = state.rows, -(-S // PROMPT_GRANULE) * PROMPT_GRANULE
+        key = ("prefill", rows, length, mode)
+        captured = self.graphs is not None and key in self.graphs.graphs
+        if self.graphs is None or mode == "eager" or length > cache.max_len or not (
+                captured or (rows * length <= MAX_PROMPT_GRAPH_TOKENS and len(self._prompts) < MAX_PROMPT_GRAPHS)):
+            ids = torch.from_numpy(batch.input_ids).to(self.device)
+            lengths = state.lengths[:B]
+            positions = torch.arange(S, device=self.device).expand(B, -1)
+            logits = self._forward(ids, positions, lengths, cache.rows(B), lengths - 1, prefill=True)
+            self._choose(_pad_rows(logits, rows), state, history, mode)
+            return
+        if (rows, length) not in self._prompts:
+            self._prompts[rows, length] = torch.zeros((rows, length), dtype=torch.int64, device=self.device)
+        ids = self._prompts[rows, length]
+        host = np.zeros((rows, length), dtype=np.int64)
+        host[:B, :S] = batch.input_ids
+        ids.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        view = cache.rows(rows)
+
+        def prefill():
+            positions = torch.arange(length, device=self.device).expand(rows, -1)
+            last = (state.lengths - 1).clamp_min(0)
+            logits = self._forward(ids, positions, state.lengths, view, last, prefill=True)
+            self._choose(logits, state, history, mode)
+
+        self.graphs.run(key, prefill, state)
 
     def _resources(self, B: int, need: int, max_new: int, mode: str) -> tuple[StepState, KVCache]:
         """(StepState, KVCache) for a batch; with CUDA graphs both persist across batches (the graphs
@@ -174,6 +209,7 @@ class Generator:
         old_rows, old_len = (self._kv.batch, self._kv.max_len) if self._kv is not None else (0, 0)
         self._kv = None
         self._states.clear()
+        self._prompts.clear()
         self.graphs.clear()
         length = -(-max(need, old_len) // CACHE_GRANULE) * CACHE_GRANULE
         length = min(length, max(need, old_len, self.model.config.max_pos_seq_len))  # learned positions end there

@@ -60,23 +60,32 @@ def _torch_activate(y, act, gated=False, act_cols=None):
 
 
 def linear(x, weight, bias=None, act: str | None = None, gated: bool = False, act_cols: int | None = None,
-           out=None):
-    """act(x W^T + b) -> (M, N), written into `out` if given (it may be a column slice of a wider buffer).
+           out=None, norm=None, residual=None):
+    """act(norm(x) W^T + b) + residual -> (M, N), into `out` if given (it may be a column slice of a
+    wider buffer).
 
     act: None or one of ACTIVATIONS; `gated`: W = [W_gate; W_up] and the result is act(gate) * up
     (SwiGLU, GeGLU; N = rows / 2); `act_cols` limits the activation to output columns [0, act_cols)
-    (a parallel block's fused MLP + QKV projection).
+    (a parallel block's fused MLP + QKV projection). norm: None or (weight, bias, eps, rms), the
+    norm applied to x first; residual: (M, N) added last. At M == 1 on a GPU all of it is one
+    kernel (the norm recomputed by every program from x, which sits in L2).
     """
+    if use_triton(x) and x.shape[0] == 1 and os.environ.get("FT_RUNNER_GEMV", "") != "cublas":
+        return _triton().gemv(x, weight, bias, act, gated, act_cols, out, norm, residual)
+    if norm is not None:
+        x = add_norm(x, None, None, *norm)[1]
     if use_triton(x):
-        if x.shape[0] == 1 and os.environ.get("FT_RUNNER_GEMV", "") != "cublas":
-            return _triton().gemv(x, weight, bias, act, gated, act_cols, out)
-        if act is None and out is None:
+        if act is None and out is None and residual is None:
             return F.linear(x, weight, bias)
-        return _triton().activate(F.linear(x, weight), bias, act, gated, act_cols, out)
-    y = _torch_activate(F.linear(x, weight, bias), act, gated, act_cols)
+        y = _triton().activate(F.linear(x, weight), bias, act, gated, act_cols, out if residual is None else None)
+    else:
+        y = _torch_activate(F.linear(x, weight, bias), act, gated, act_cols)
+    if residual is not None:
+        y = (y.float() + residual.float()).to(y.dtype)
     if out is None:
         return y
-    out.copy_(y)
+    if y.data_ptr() != out.data_ptr():
+        out.copy_(y)
     return out
 
 

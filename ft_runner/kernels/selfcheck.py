@@ -52,23 +52,32 @@ def check_add_norm(device, dtype, rms: bool) -> float:
     return worst
 
 
-def check_linear(device, dtype, M: int, act, gated=False, act_cols=None) -> float:
+def check_linear(device, dtype, M: int, act, gated=False, act_cols=None, norm=None, residual=False) -> float:
     N, K = 200, 328  # neither a multiple of the blocks
     w = torch.randn(2 * N if gated else N, K, device=device, dtype=dtype) / K ** 0.5
     b = torch.randn(w.shape[0], device=device, dtype=dtype)
     x = torch.randn(M, K, device=device, dtype=dtype)
+    norm_args = None
+    if norm is not None:
+        norm_args = (1 + 0.1 * torch.randn(K, device=device, dtype=dtype),
+                     None if norm == "rms" else torch.randn(K, device=device, dtype=dtype), 1e-5, norm == "rms")
+    res = torch.randn(M, N, device=device, dtype=dtype) if residual else None
     wide = torch.full((M, N + 8), float("nan"), device=device, dtype=dtype)
-    got = ops.linear(x, w, b, act, gated, act_cols, out=wide[:, 8:])
+    got = ops.linear(x, w, b, act, gated, act_cols, out=wide[:, 8:], norm=norm_args, residual=res)
     with reference():
-        want = ops.linear(x.float(), w.float(), b.float(), act, gated, act_cols)
+        up = (lambda t: None if t is None else t.float())  # noqa: E731
+        ref_norm = None if norm_args is None else (up(norm_args[0]), up(norm_args[1]), *norm_args[2:])
+        if ref_norm is not None:  # the kernels store the normed activations in the model dtype
+            x = ops.add_norm(x.float(), None, None, *ref_norm)[1].to(dtype)
+        want = ops.linear(x.float(), w.float(), b.float(), act, gated, act_cols, residual=up(res))
     return rel_err(got, want)
 
 
-def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved) -> float:
-    B, T = 4, 300
+def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved, batch=4) -> float:
+    B, T = batch, 300
     qkv = torch.randn(B, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
     caches = [torch.randn(B + 1, kv_heads, T, head_dim, device=device, dtype=dtype) for _ in range(2)]
-    positions = torch.tensor([0, 1, 137, T - 1], device=device)
+    positions = torch.tensor([0, 1, 137, T - 1][-B:], device=device)
     rotary = None
     if rot:
         inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2, device=device).float() / rot))
@@ -81,10 +90,10 @@ def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved) 
     return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches, strict=True)))
 
 
-def check_greedy(device) -> float:
+def check_greedy(device, vocab: int = 3000) -> float:
     from ft_runner.engine.step_state import StepState
 
-    R, V = 5, 3000
+    R, V = 5, vocab
     states = []
     for _ in range(2):
         s = StepState.allocate(R, 4, 90, device)
@@ -94,7 +103,8 @@ def check_greedy(device) -> float:
         s.params.temperature.copy_(torch.tensor([1.0, 0.5, 2.0, 1.0, 1.0]))
         s.reasons[2] = 1
         states.append(s)
-    logits = torch.randn(2, R, 1600, device=device)  # two TP parts of a padded vocabulary
+    logits = torch.randn(2, R, (V + 201) // 2, device=device)  # two TP parts of a padded vocabulary
+    logits[1, 0, 5] = logits[0, 0].max() + 1.0  # row 0's best token is in the second part
     logits[0, 3, 7] = 50.0  # row 3 picks its end token
     worst = 0.0
     for _ in range(2):
@@ -124,10 +134,18 @@ def run(device: str) -> bool:
                 checks.append((f"linear {dtype} M={M} act={act} gated={gated} cols={cols}",
                                lambda d=dtype, m=M, a=act, g=gated, c=cols: check_linear(device, d, m, a, g, c),
                                tol[dtype]))
-        for shape in ((4, 4, 64, 0, False), (2, 2, 256, 64, True), (8, 2, 128, 128, False)):
-            checks.append((f"attention {dtype} heads/kv/dim/rot/interleaved={shape}",
-                           lambda d=dtype, s=shape: check_attention(device, d, *s), tol[dtype]))
+            for norm, residual, act in (("ln", False, "gelu"), ("rms", False, None), (None, True, None),
+                                        ("ln", True, None)):
+                checks.append((f"linear {dtype} M={M} norm={norm} residual={residual} act={act}",
+                               lambda d=dtype, m=M, n=norm, r=residual, a=act: check_linear(device, d, m, a, False,
+                                                                                            None, n, r),
+                               tol[dtype]))
+        for shape in ((4, 4, 64, 0, False), (2, 2, 256, 64, True), (8, 2, 128, 128, False), (1, 1, 64, 0, False)):
+            for batch in (4, 1):
+                checks.append((f"attention {dtype} B={batch} heads/kv/dim/rot/interleaved={shape}",
+                               lambda d=dtype, s=shape, b=batch: check_attention(device, d, *s, batch=b), tol[dtype]))
     checks.append(("greedy_step", lambda: check_greedy(device), 1e-5))
+    checks.append(("greedy_step large vocab", lambda: check_greedy(device, vocab=50257), 1e-5))
     ok = True
     for name, fn, limit in checks:
         err = fn()

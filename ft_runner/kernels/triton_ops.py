@@ -87,15 +87,28 @@ def add_norm(h, y, bias, weight, norm_bias, eps: float, rms: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# GEMV: y (1, N) = act(x (1, K) W^T + b), W (N, K) row-major (torch's Linear layout)
+# GEMV: y (1, N) = act(norm(x) (1, K) W^T + b) + residual, W (N, K) row-major (torch's Linear layout)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, act_cols,
-                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, N, K, stride_wn, act_cols, eps,
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                 HAS_NORM_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
+    if NORM != 0:  # every program normalises x itself (K values, from L2): no separate norm kernel
+        total = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            total += tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        mean = tl.sum(total, axis=0) / K if NORM == 1 else 0.0
+        total = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            centred = tl.where(k < K, tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32) - mean, 0.0)
+            total += centred * centred
+        rstd = 1.0 / tl.sqrt(tl.sum(total, axis=0) / K + eps)
     # a 2-D accumulator, reduced once at the end: no cross-lane reduction inside the K loop
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if GATED:  # rows [0, N) are the gate, rows [N, 2N) the up projection
@@ -107,6 +120,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, act_cols,
             x = tl.load(x_ptr + k).to(tl.float32)
         else:
             x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        if NORM != 0:
+            x = (x - mean) * rstd * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            if HAS_NORM_BIAS:
+                x += tl.load(nb_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            x = x.to(w_ptr.dtype.element_ty).to(tl.float32)  # the normed activations as a norm kernel stores them
         if EVEN_N and EVEN_K:
             w = tl.load(w_rows + k[None, :])
         else:
@@ -128,35 +146,39 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn, act_cols,
         y = _activate(y, ACT) * up
     elif ACT != 0:
         y = tl.where(n < act_cols, _activate(y, ACT), y)
+    if HAS_RES:
+        y += tl.load(res_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
 def _gemv_config(N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps); FT_RUNNER_GEMV="bn,bk,warps" overrides (for tuning)."""
+    """(BLOCK_N, BLOCK_K, num_warps); FT_RUNNER_GEMV="bn,bk,warps" overrides (for tuning).
+
+    Measured on an H200 (benchmarks/microbench.py --sweep): 4 rows x 1024 columns per program is
+    at or near the best for every decode shape from 1024x1024 to 50400x4096.
+    """
     forced = os.environ.get("FT_RUNNER_GEMV")
     if forced:
         bn, bk, warps = (int(v) for v in forced.split(","))
         return bn, min(bk, next_pow2(K)), warps
-    block_k = min(512, next_pow2(K))
-    block_n = 4
-    while block_n < 32 and N // (block_n * 2) >= 256:  # keep at least ~2 programs per SM
-        block_n *= 2
-    return block_n, block_k, 4
+    return 4, min(1024, next_pow2(K)), 8 if N <= 1024 else 4
 
 
-def gemv(x, weight, bias, act, gated, act_cols, out):
-    """See ops.linear (M == 1)."""
+def gemv(x, weight, bias, act, gated, act_cols, out, norm=None, residual=None):
+    """See ops.linear (M == 1). norm: (weight, bias, eps, rms) applied to x first."""
     n_out = weight.shape[0] // (2 if gated else 1)
     K = weight.shape[1]
     assert x.stride(-1) == 1 and weight.stride(1) == 1
     if out is None:
         out = torch.empty((1, n_out), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = _gemv_config(n_out, K)
+    nw, nb, eps, rms = norm if norm is not None else (weight, None, 0.0, False)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
-        x, weight, bias if bias is not None else weight, out, n_out, K, weight.stride(0),
-        n_out if act_cols is None else act_cols,
-        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=gated, EVEN_N=n_out % block_n == 0, EVEN_K=K % block_k == 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        x, weight, bias if bias is not None else weight, residual if residual is not None else weight, out,
+        nw, nb if nb is not None else weight, n_out, K, weight.stride(0), n_out if act_cols is None else act_cols, eps,
+        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=gated, NORM=0 if norm is None else (2 if rms else 1),
+        HAS_NORM_BIAS=nb is not None, HAS_RES=residual is not None, EVEN_N=n_out % block_n == 0,
+        EVEN_K=K % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
@@ -219,11 +241,17 @@ def _rope(x_ptr, d, x, pos, cos_ptr, sin_ptr, ROT: tl.constexpr, INTERLEAVED: tl
 
 @triton.jit
 def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct,
-                             pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, scale,
+                             pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, part_ptr, count_ptr, scale,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                             ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr):
+                             ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
+                             SPLITS: tl.constexpr, CHUNK: tl.constexpr):
+    """Program (b, hq, split) attends to cache positions [split * CHUNK, (split + 1) * CHUNK) of its
+    row's [0, pos); split 0 also to the new token, from registers, and appends it to the cache. With
+    several splits each writes (acc, max, sum) to `part`; the last of a (b, hq) to finish, as counted
+    by an atomic, merges them (flash-decoding without a second launch) and resets the counter."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
+    split = tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     hkv = hq // GROUP
     pos = tl.load(pos_ptr + b).to(tl.int32)
@@ -231,36 +259,84 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     dm = d < D
     row = qkv_ptr + b * stride_qkv
     q = tl.load(row + hq * D + d, mask=dm, other=0.0).to(tl.float32)
-    k_new = tl.load(row + (HQ + hkv) * D + d, mask=dm, other=0.0).to(tl.float32)
-    v_new = tl.load(row + (HQ + HKV + hkv) * D + d, mask=dm, other=0.0)
     if ROT > 0:
         q = _rope(row + hq * D, d, q, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED)
-        k_new = _rope(row + (HQ + hkv) * D, d, k_new, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED)
-    k_new = k_new.to(k_cache.dtype.element_ty)
-    base = b * stride_cb + hkv * stride_ch
-    if hq % GROUP == 0:  # one program per KV head appends the new key and value
-        tl.store(k_cache + base + pos * stride_ct + d, k_new, mask=dm)
-        tl.store(v_cache + base + pos * stride_ct + d, v_new.to(v_cache.dtype.element_ty), mask=dm)
-    # the new token is attended from registers; the cache supplies positions [0, pos)
     q = q * scale
-    m = tl.sum(q * k_new.to(tl.float32), axis=0)
-    l_sum = 1.0
-    acc = v_new.to(v_cache.dtype.element_ty).to(tl.float32)
+    base = b * stride_cb + hkv * stride_ch
+    if split == 0:
+        k_new = tl.load(row + (HQ + hkv) * D + d, mask=dm, other=0.0).to(tl.float32)
+        if ROT > 0:
+            k_new = _rope(row + (HQ + hkv) * D, d, k_new, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED)
+        k_new = k_new.to(k_cache.dtype.element_ty)
+        v_new = tl.load(row + (HQ + HKV + hkv) * D + d, mask=dm, other=0.0).to(v_cache.dtype.element_ty)
+        if hq % GROUP == 0:  # one program per KV head appends the new key and value
+            tl.store(k_cache + base + pos * stride_ct + d, k_new, mask=dm)
+            tl.store(v_cache + base + pos * stride_ct + d, v_new, mask=dm)
+        m = tl.sum(q * k_new.to(tl.float32), axis=0)
+        l_sum = m * 0.0 + 1.0
+        acc = v_new.to(tl.float32)
+    else:
+        l_sum = tl.sum(q, axis=0) * 0.0
+        m = l_sum + float("-inf")
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    start = split * CHUNK
+    stop = tl.minimum(start + CHUNK, pos)
     t_offs = tl.arange(0, BLOCK_T)
-    for t0 in range(0, pos, BLOCK_T):
+    for t0 in range(start, stop, BLOCK_T):
         t = t0 + t_offs
-        tm = t < pos
+        tm = t < stop
         offs = base + t[:, None] * stride_ct + d[None, :]
-        k = tl.load(k_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        s = tl.where(tm, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        k = tl.load(k_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
+        v = tl.load(v_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
+        s = tl.where(tm, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
-        v = tl.load(v_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)
         m = m_new
-    tl.store(out_ptr + b * stride_out + hq * D + d, (acc / l_sum).to(out_ptr.dtype.element_ty), mask=dm)
+    out = out_ptr + b * stride_out + hq * D + d
+    if SPLITS == 1:
+        tl.store(out, (acc / l_sum).to(out_ptr.dtype.element_ty), mask=dm)
+    else:
+        head = b * HQ + hq
+        slot = part_ptr + (head * SPLITS + split) * (BLOCK_D + 2)
+        tl.store(slot + d, acc)
+        tl.store(slot + BLOCK_D, m)
+        tl.store(slot + BLOCK_D + 1, l_sum)
+        done = tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu")
+        if done == SPLITS - 1:
+            rows = part_ptr + (head * SPLITS + tl.arange(0, SPLITS)) * (BLOCK_D + 2)
+            ms = tl.load(rows + BLOCK_D, cache_modifier=".cg")
+            ls = tl.load(rows + BLOCK_D + 1, cache_modifier=".cg")
+            accs = tl.load(rows[:, None] + d[None, :], cache_modifier=".cg")
+            w = tl.exp(ms - tl.max(ms, axis=0))  # split 0 always holds the new token: the max is finite
+            merged = tl.sum(w[:, None] * accs, axis=0) / tl.sum(w * ls, axis=0)
+            tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=dm)
+            tl.store(count_ptr + head, 0)
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters that every attention launch leaves zeroed again (shared by all layers)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < count:
+        have = _COUNTERS[device] = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
+    return have
+
+
+def _attention_config(rows: int, heads: int, block_d: int, max_len: int) -> tuple[int, int, int]:
+    """(BLOCK_T, SPLITS, num_warps): split the cache when there are too few (row, head) programs to
+    fill the GPU. FT_RUNNER_ATTN="block_t,min_programs,warps" overrides (for tuning)."""
+    block_t, min_programs, warps = 32, 512, 4 if block_d <= 128 else 8
+    if os.environ.get("FT_RUNNER_ATTN"):
+        block_t, min_programs, warps = (int(v) for v in os.environ["FT_RUNNER_ATTN"].split(","))
+    splits = 1
+    while rows * heads * splits < min_programs and splits < 16 and splits * 2 * block_t <= max_len:
+        splits *= 2
+    return block_t, splits, warps
 
 
 def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale, rotary, out):
@@ -268,12 +344,16 @@ def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim
     B = qkv.shape[0]
     block_d = next_pow2(head_dim)
     cos, sin, rot, interleaved = rotary if rotary is not None else (qkv, qkv, 0, False)
-    block_t = max(16, min(64, 8192 // block_d))
-    _decode_attention_kernel[(B, heads)](
+    max_len = k_cache.shape[2]
+    block_t, splits, warps = _attention_config(B, heads, block_d, max_len)
+    chunk = triton.cdiv(triton.cdiv(max_len, splits), block_t) * block_t
+    part = torch.empty((B * heads * splits * (block_d + 2),) if splits > 1 else (1,), dtype=torch.float32,
+                       device=qkv.device)
+    _decode_attention_kernel[(B, heads, splits)](
         qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        positions, cos, sin, out, out.stride(0), scale,
+        positions, cos, sin, out, out.stride(0), part, _counters(qkv.device, B * heads), scale,
         HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=block_d, ROT=rot, INTERLEAVED=interleaved,
-        BLOCK_T=block_t, num_warps=4 if block_d <= 128 else 8)
+        BLOCK_T=block_t, SPLITS=splits, CHUNK=chunk, num_warps=warps)
     return out
 
 
@@ -285,16 +365,20 @@ def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim
 def _greedy_step_kernel(logits_ptr, stride_part, stride_row, V, V_PART,
                         temp_ptr, end_ptr, out_len_ptr, len_ptr, step_ptr, max_pos, R,
                         reasons_ptr, produced_ptr, history_ptr, logprobs_ptr, next_ptr, pos_ptr,
-                        BLOCK_V: tl.constexpr):
+                        part_ptr, count_ptr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Program (b, split) reduces vocabulary chunk `split` of row b to (max, argmax, sum of exp); the
+    last of a row to finish (an atomic counts them) merges the chunks and does StepState.record."""
     b = tl.program_id(0)
+    split = tl.program_id(1)
     inv_t = 1.0 / tl.load(temp_ptr + b).to(tl.float32)
     offs = tl.arange(0, BLOCK_V)
-    m = float("-inf")
-    s = 0.0
-    best = 0
-    for v0 in range(0, V, BLOCK_V):
+    s = inv_t * 0.0
+    m = s + float("-inf")
+    best = tl.program_id(0) * 0
+    stop = tl.minimum(split * CHUNK + CHUNK, V)
+    for v0 in range(split * CHUNK, stop, BLOCK_V):
         v = v0 + offs
-        vm = v < V
+        vm = v < stop
         # logits may come as (parts, R, V_PART): the TP ranks' vocabulary slices, unconcatenated
         z = tl.load(logits_ptr + (v // V_PART) * stride_part + b * stride_row + v % V_PART, mask=vm,
                     other=float("-inf")).to(tl.float32) * inv_t
@@ -302,9 +386,33 @@ def _greedy_step_kernel(logits_ptr, stride_part, stride_row, V, V_PART,
         c_arg = tl.argmax(z, axis=0) + v0
         best = tl.where(c_max > m, c_arg, best)
         m_new = tl.maximum(m, c_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.where(vm, tl.exp(z - m_new), 0.0), axis=0)
         m = m_new
-    # the bookkeeping of StepState.record, for one row
+    if SPLITS == 1:
+        _record(b, m, s, best, step_ptr, reasons_ptr, end_ptr, out_len_ptr, produced_ptr, history_ptr, R,
+                logprobs_ptr, next_ptr, pos_ptr, len_ptr, max_pos)
+    else:
+        slot = part_ptr + (b * SPLITS + split) * 3
+        tl.store(slot, m)
+        tl.store(slot + 1, s)
+        tl.store(slot + 2, best.to(tl.float32))  # exact: vocabulary ids < 2**24
+        if tl.atomic_add(count_ptr + b, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            tl.store(count_ptr + b, 0)
+            rows = part_ptr + (b * SPLITS + tl.arange(0, SPLITS)) * 3
+            ms = tl.load(rows, cache_modifier=".cg")
+            ss = tl.load(rows + 1, cache_modifier=".cg")
+            args = tl.load(rows + 2, cache_modifier=".cg")
+            top = tl.max(ms, axis=0)
+            total = tl.sum(ss * tl.exp(ms - top), axis=0)
+            first = tl.min(tl.where(ms == top, args, 1e9), axis=0).to(tl.int32)  # the first maximum
+            _record(b, top, total, first, step_ptr, reasons_ptr, end_ptr, out_len_ptr, produced_ptr, history_ptr,
+                    R, logprobs_ptr, next_ptr, pos_ptr, len_ptr, max_pos)
+
+
+@triton.jit
+def _record(b, m, s, best, step_ptr, reasons_ptr, end_ptr, out_len_ptr, produced_ptr, history_ptr, R,
+            logprobs_ptr, next_ptr, pos_ptr, len_ptr, max_pos):
+    """StepState.record for row b, whose greedy token is `best` with log-prob -log(s) (m: its logit)."""
     step = tl.load(step_ptr)
     code = tl.load(reasons_ptr + b)
     done = code != 0
@@ -326,8 +434,14 @@ def greedy_step(logits, vocab, state):
     parts = logits if logits.dim() == 3 else logits[None]
     R = state.rows
     assert parts.shape[1] == R and parts.stride(2) == 1
-    _greedy_step_kernel[(R,)](
+    splits = 32 if R <= 32 else 8  # few rows: spread each over many programs
+    block_v = 2048
+    chunk = triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
+    splits = triton.cdiv(vocab, chunk)
+    splits = next_pow2(splits)
+    part = torch.empty((R * splits * 3,), dtype=torch.float32, device=parts.device)
+    _greedy_step_kernel[(R, splits)](
         parts, parts.stride(0), parts.stride(1), vocab, parts.shape[2],
         state.temperature, state.end_id, state.out_lens, state.lengths, state.step, state.max_pos, R,
         state.reasons, state.produced, state.history, state.logprobs, state.next_tokens, state.positions,
-        BLOCK_V=4096, num_warps=8)
+        part, _counters(parts.device, R), SPLITS=splits, CHUNK=chunk, BLOCK_V=block_v, num_warps=4)
