@@ -87,7 +87,41 @@ def bench_gemv(sweep: bool) -> None:
                 best = min(best, (t, (bn, bk, warps)))
             line += f" {best[0]:8.1f} {nbytes / best[0] / 1e3:6.0f}  {best[1]}"
         print(line, flush=True)
+        if name in ("gpt2m qkv", "gptj in", "gpt2m fc2"):  # the single-row path's fused forms
+            nw, nb = torch.ones(k, device="cuda", dtype=torch.float16), torch.zeros(k, device="cuda", dtype=torch.float16)
+            res = torch.randn(1, n, device="cuda", dtype=torch.float16)
+            t_ln = graph_time_us(lambda i: ops.linear(x, ws[i], norm=(nw, nb, 1e-5, False)), len(ws))
+            t_res = graph_time_us(lambda i: ops.linear(x, ws[i], residual=res), len(ws))
+            print(f"{name + ' +norm':<16} {'':>13} {'':>9} {'':>6} {t_ln:9.1f} {nbytes / t_ln / 1e3:6.0f}", flush=True)
+            print(f"{name + ' +resid':<16} {'':>13} {'':>9} {'':>6} {t_res:9.1f} {nbytes / t_res / 1e3:6.0f}",
+                  flush=True)
 
+
+
+def bench_attention_sweep() -> None:
+    """decode_attention over FT_RUNNER_ATTN="block_t,min_programs,warps" settings."""
+    dev, f16 = "cuda", torch.float16
+    for batch, heads, dim, rot in ((1, 16, 64, 0), (1, 16, 256, 64), (32, 16, 256, 64), (64, 16, 256, 64)):
+        caches = [torch.randn(batch, heads, 256, dim, device=dev, dtype=f16) for _ in range(2)]
+        qkv = torch.randn(batch, 3 * heads * dim, device=dev, dtype=f16)
+        pos = torch.full((batch,), 192, device=dev)
+        rope = None
+        if rot:
+            inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device=dev).float() / rot))
+            rope = (*ops.rope_tables(inv, 256), rot, True)
+        results = []
+        for block_t, programs, warps in itertools.product((16, 32, 64), (128, 512, 2048), (4, 8)):
+            if block_t * dim > 16384:
+                continue
+            os.environ["FT_RUNNER_ATTN"] = f"{block_t},{programs},{warps}"
+            try:
+                t = graph_time_us(lambda i: ops.decode_attention(qkv, *caches, pos, heads, heads, dim, 0.1, rope), 16)
+            finally:
+                del os.environ["FT_RUNNER_ATTN"]
+            results.append((t, (block_t, programs, warps)))
+        results.sort()
+        print(f"attention sweep B={batch} D={dim}: " + ", ".join(f"{t:.1f}us {c}" for t, c in results[:4]),
+              flush=True)
 
 
 def bench_other() -> None:
@@ -131,6 +165,8 @@ def main() -> int:
     print(f"[microbench] {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     bench_gemv(args.sweep)
     bench_other()
+    if args.sweep:
+        bench_attention_sweep()
     return 0
 
 
