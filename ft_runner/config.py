@@ -74,7 +74,7 @@ class ModelConfig:
     has_lm_head_bias: bool = False
     sliding_window: int = 0  # 0: none; else a query sees the last `sliding_window` positions
     max_window_layers: int = 0  # the window applies to layers >= this one (Qwen2)
-    hidden_units: int = 0  # 0: head_num * size_per_head (some LLaMA-family models have a wider residual)
+    hidden_units: int = 0  # residual width; 0: head_num * size_per_head (some LLaMA-family models differ)
 
     def __post_init__(self):
         for key in ("head_num", "size_per_head", "inter_size", "num_layer", "vocab_size", "max_pos_seq_len"):
@@ -114,7 +114,10 @@ class ModelConfig:
 
     @property
     def rope_params(self) -> dict:
-        return json.loads(self.rope_scaling) if self.rope_scaling else {}
+        try:
+            return json.loads(self.rope_scaling) if self.rope_scaling else {}
+        except json.JSONDecodeError:
+            raise ConfigError(f"config.ini: rope_scaling {self.rope_scaling!r} is not JSON") from None
 
     @property
     def rope_type(self) -> str:

@@ -77,7 +77,10 @@ def _find(module: torch.nn.Module, path: str) -> torch.Tensor | None:
         module = getattr(module, name, None)
         if module is None:
             return None
-    return getattr(module, leaf)
+    param = getattr(module, leaf)
+    if param is None:  # the layout table and the model disagree on which tensors exist
+        raise RuntimeError(f"the model has no parameter {path} for a tensor the config says exists")
+    return param
 
 
 class _ShardReader:
