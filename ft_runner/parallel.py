@@ -97,20 +97,39 @@ def local_rank_and_size(comm) -> tuple[int, int]:
 
 
 def pick_device(comm, device: str) -> torch.device:
-    """`auto`: the local rank's GPU when there are GPUs, else the CPU."""
+    """`auto`: the local rank's GPU when there are GPUs, else the CPU.
+
+    A launcher that binds one GPU to each task (`srun --gpus-per-task=1`) leaves every rank one
+    visible device of its own: each rank then takes cuda:0."""
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no GPU")
     local_rank, local_size = local_rank_and_size(comm)
+    visible = _node_allgather(comm, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
     count = torch.cuda.device_count()
-    if local_size > count:
+    if count == 1 and all(visible) and len(set(visible)) == local_size:
+        index = 0
+    elif local_size > count:
         raise ConfigError(
             f"{local_size} ranks share this node but it has {count} GPU(s): one GPU per rank "
             f"is needed (start fewer ranks per node, or use --device cpu)"
         )
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    else:
+        index = local_rank
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _node_allgather(comm, value: str) -> list[str]:
+    """`value` from every rank on this node."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.allgather(value)
+    finally:
+        node.Free()
 
 
 def _free_port() -> int:
