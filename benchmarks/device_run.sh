@@ -44,13 +44,13 @@ for s in "$@"; do
     ;;
   bench-small)
     step bench-small
-    $BENCH --models gpt2 --batch 1 > "$OUT/bench_small.log" 2>&1
-    $BENCH --models gpt2-medium --batch 1,32,64 >> "$OUT/bench_small.log" 2>&1
+    $BENCH --models gpt2 --batch 1 --profile > "$OUT/bench_small.log" 2>&1
+    $BENCH --models gpt2-medium --batch 1,32,64 --profile >> "$OUT/bench_small.log" 2>&1
     grep -E "^model|^---|  fp16 |Error|error" "$OUT/bench_small.log" | tail -30
     ;;
   bench-large)
     step bench-large
-    $BENCH --models gptj-6b --batch 1,32,64 > "$OUT/bench_large.log" 2>&1
+    $BENCH --models gptj-6b --batch 1,32,64 --profile > "$OUT/bench_large.log" 2>&1
     grep -E "^model|^---|  fp16 |Error|error" "$OUT/bench_large.log" | tail -30
     ;;
   bench-llama)

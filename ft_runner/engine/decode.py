@@ -57,6 +57,8 @@ class FusedLayer:
     fc2_w: torch.Tensor | None  # None when folded into out_w
     fc2_b: torch.Tensor | None
     mlp_width: int  # local MLP hidden width
+    fold1: tuple | None = None  # single-row path: norm1 folded into qkv_w (ops.fold_norm)
+    fold2: tuple | None = None  # single-row path: the MLP's norm folded into fc1_w
 
 
 def unsupported_reason(stage) -> str | None:
@@ -121,6 +123,12 @@ class FusedDecoder:
         self.scale = first.head_dim ** -0.5
         self.layers = [self._fuse(block) for block in stage.layers]
         self.final_norm = Norm.of(stage.ln_f) if stage.ln_f is not None else None
+        self.head_fold = None
+        if self.group is None and self.layers[0].qkv_w.is_cuda:  # the single-row path folds its norms
+            for layer in self.layers:
+                self._fold(layer)
+            if self.final_norm is not None and stage.lm_head is not None:
+                self.head_fold = self._folded(self.final_norm, stage.lm_head.weight)
         self.vocab = config.vocab_size
         self.rot_dim = config.rotary_embedding
         self.rope = None  # (cos, sin, rot_dim, interleaved), sized by `prepare`
@@ -142,6 +150,15 @@ class FusedDecoder:
         fc1_w, fc1_b = _fuse_rows(*fc1) if len(fc1) > 1 else (mlp.fc1.weight, mlp.fc1.bias)
         return FusedLayer(Norm.of(block.ln1), norm2, True, attn.qkv.weight, attn.qkv.bias, out_w, out_b,
                           fc1_w, fc1_b, None, None, width)
+
+    @staticmethod
+    def _folded(norm: Norm, weight) -> tuple:
+        return (*norm.args(), *ops.fold_norm(norm.weight, norm.bias, weight))
+
+    def _fold(self, layer: FusedLayer) -> None:
+        layer.fold1 = self._folded(layer.norm1, layer.qkv_w)
+        if layer.fc1_w is not None:
+            layer.fold2 = self._folded(layer.norm2 or layer.norm1, layer.fc1_w)
 
     def prepare(self, max_len: int) -> None:
         """Size the rotary tables for cache slots [0, max_len)."""
@@ -178,23 +195,29 @@ class FusedDecoder:
         if not self.grid.is_last_stage:
             dist.send(h.contiguous(), dst=self.grid.stage_rank(self.grid.pp_rank + 1))
             return None
-        return self._head(h, self.final_norm)
+        return self._head(h, self.head_fold or (self.final_norm.args() if self.final_norm is not None else None))
+
+    @staticmethod
+    def _norms(layer: FusedLayer):
+        """The norm arguments of the single-row path: folded on GPUs, plain elsewhere."""
+        second = layer.norm2 or layer.norm1
+        return layer.fold1 or layer.norm1.args(), layer.fold2 or second.args()
 
     def _sequential_single(self, layer: FusedLayer, h, attend):
-        attn = attend(ops.linear(h, layer.qkv_w, layer.qkv_b, norm=layer.norm1.args()))
+        norm1, norm2 = self._norms(layer)
+        attn = attend(ops.linear(h, layer.qkv_w, layer.qkv_b, norm=norm1))
         h = ops.linear(attn, layer.out_w, layer.out_b, residual=h)
-        f = ops.linear(h, layer.fc1_w, layer.fc1_b, self.act, self.gated, norm=layer.norm2.args())
+        f = ops.linear(h, layer.fc1_w, layer.fc1_b, self.act, self.gated, norm=norm2)
         return ops.linear(f, layer.fc2_w, layer.fc2_b, residual=h)
 
     def _parallel_single(self, layer: FusedLayer, h, attend):
         local, width, buf = self._parallel_buffer(layer, h)
+        norm1, norm2 = self._norms(layer)
         if layer.fc1_w is None:
-            ops.linear(h, layer.qkv_w, layer.qkv_b, self.act, act_cols=width, out=buf[:, local:],
-                       norm=layer.norm1.args())
+            ops.linear(h, layer.qkv_w, layer.qkv_b, self.act, act_cols=width, out=buf[:, local:], norm=norm1)
         else:
-            ops.linear(h, layer.qkv_w, layer.qkv_b, out=buf[:, local + width:], norm=layer.norm1.args())
-            norm = (layer.norm2 or layer.norm1).args()
-            ops.linear(h, layer.fc1_w, layer.fc1_b, self.act, self.gated, out=buf[:, local:local + width], norm=norm)
+            ops.linear(h, layer.qkv_w, layer.qkv_b, out=buf[:, local + width:], norm=norm1)
+            ops.linear(h, layer.fc1_w, layer.fc1_b, self.act, self.gated, out=buf[:, local:local + width], norm=norm2)
         attend(buf[:, local + width:], out=buf[:, :local])
         return ops.linear(buf[:, :local + width], layer.out_w, layer.out_b, residual=h)
 
@@ -249,9 +272,9 @@ class FusedDecoder:
         y = self._reduce(ops.linear(buf[:, :local + width], layer.out_w))
         return self._residual(h, y, layer.out_b, nxt)
 
-    def _head(self, x, norm: Norm | None = None):
+    def _head(self, x, norm: tuple | None = None):
         head = self.stage.lm_head
-        local = ops.linear(x, head.weight, head.bias, norm=norm.args() if norm is not None else None)
+        local = ops.linear(x, head.weight, head.bias, norm=norm)
         if self.group is None:
             return local
         parts = torch.empty((self.grid.tp * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
@@ -265,6 +288,15 @@ class ModuleDecoder:
     def __init__(self, generator):
         self.generator = generator
         self.vocab = generator.model.config.vocab_size
+
+    @staticmethod
+    def _folded(norm: Norm, weight) -> tuple:
+        return (*norm.args(), *ops.fold_norm(norm.weight, norm.bias, weight))
+
+    def _fold(self, layer: FusedLayer) -> None:
+        layer.fold1 = self._folded(layer.norm1, layer.qkv_w)
+        if layer.fc1_w is not None:
+            layer.fold2 = self._folded(layer.norm2 or layer.norm1, layer.fc1_w)
 
     def prepare(self, max_len: int) -> None:
         pass

@@ -67,13 +67,14 @@ def linear(x, weight, bias=None, act: str | None = None, gated: bool = False, ac
     act: None or one of ACTIVATIONS; `gated`: W = [W_gate; W_up] and the result is act(gate) * up
     (SwiGLU, GeGLU; N = rows / 2); `act_cols` limits the activation to output columns [0, act_cols)
     (a parallel block's fused MLP + QKV projection). norm: None or (weight, bias, eps, rms), the
-    norm applied to x first; residual: (M, N) added last. At M == 1 on a GPU all of it is one
-    kernel (the norm recomputed by every program from x, which sits in L2).
+    norm applied to x first, optionally followed by the fp32 sums (W weight, W bias) that let the
+    GPU kernel fold it into the product (`fold_norm`); residual: (M, N) added last. At M == 1 on a
+    GPU all of it is one kernel.
     """
     if use_triton(x) and x.shape[0] == 1 and os.environ.get("FT_RUNNER_GEMV", "") != "cublas":
         return _triton().gemv(x, weight, bias, act, gated, act_cols, out, norm, residual)
     if norm is not None:
-        x = add_norm(x, None, None, *norm)[1]
+        x = add_norm(x, None, None, *norm[:4])[1]
     if use_triton(x):
         if act is None and out is None and residual is None:
             return F.linear(x, weight, bias)
@@ -87,6 +88,12 @@ def linear(x, weight, bias=None, act: str | None = None, gated: bool = False, ac
     if y.data_ptr() != out.data_ptr():
         out.copy_(y)
     return out
+
+
+def fold_norm(norm_weight, norm_bias, weight) -> tuple:
+    """(W g, W b) in fp32 for a norm (g, b) feeding `weight` (N, K): see triton_ops._gemv_kernel."""
+    w = weight.float()
+    return (w @ norm_weight.float()).contiguous(), None if norm_bias is None else (w @ norm_bias.float()).contiguous()
 
 
 def rope_tables(inv_freq: torch.Tensor, max_len: int):

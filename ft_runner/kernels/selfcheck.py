@@ -60,13 +60,16 @@ def check_linear(device, dtype, M: int, act, gated=False, act_cols=None, norm=No
     norm_args = None
     if norm is not None:
         norm_args = (1 + 0.1 * torch.randn(K, device=device, dtype=dtype),
-                     None if norm == "rms" else torch.randn(K, device=device, dtype=dtype), 1e-5, norm == "rms")
+                     None if norm.startswith("rms") else torch.randn(K, device=device, dtype=dtype), 1e-5,
+                     norm.startswith("rms"))
+    if norm is not None and norm.endswith("folded"):
+        norm_args = (*norm_args, *ops.fold_norm(norm_args[0], norm_args[1], w))
     res = torch.randn(M, N, device=device, dtype=dtype) if residual else None
     wide = torch.full((M, N + 8), float("nan"), device=device, dtype=dtype)
     got = ops.linear(x, w, b, act, gated, act_cols, out=wide[:, 8:], norm=norm_args, residual=res)
     with reference():
         up = (lambda t: None if t is None else t.float())  # noqa: E731
-        ref_norm = None if norm_args is None else (up(norm_args[0]), up(norm_args[1]), *norm_args[2:])
+        ref_norm = None if norm_args is None else (up(norm_args[0]), up(norm_args[1]), *norm_args[2:4])
         if ref_norm is not None:  # the kernels store the normed activations in the model dtype
             x = ops.add_norm(x.float(), None, None, *ref_norm)[1].to(dtype)
         want = ops.linear(x.float(), w.float(), b.float(), act, gated, act_cols, residual=up(res))
@@ -134,11 +137,13 @@ def run(device: str) -> bool:
                 checks.append((f"linear {dtype} M={M} act={act} gated={gated} cols={cols}",
                                lambda d=dtype, m=M, a=act, g=gated, c=cols: check_linear(device, d, m, a, g, c),
                                tol[dtype]))
-            for norm, residual, act in (("ln", False, "gelu"), ("rms", False, None), (None, True, None),
-                                        ("ln", True, None)):
-                checks.append((f"linear {dtype} M={M} norm={norm} residual={residual} act={act}",
-                               lambda d=dtype, m=M, n=norm, r=residual, a=act: check_linear(device, d, m, a, False,
-                                                                                            None, n, r),
+            for norm, residual, act, gated in (("ln", False, "gelu", False), ("rms", False, None, False),
+                                               (None, True, None, False), ("ln", True, None, False),
+                                               ("ln folded", False, "gelu", False), ("rms folded", True, None, False),
+                                               ("rms folded", False, "silu", True), ("ln folded", False, "gelu", True)):
+                checks.append((f"linear {dtype} M={M} norm={norm} residual={residual} act={act} gated={gated}",
+                               lambda d=dtype, m=M, n=norm, r=residual, a=act, g=gated: check_linear(
+                                   device, d, m, a, g, None, n, r),
                                tol[dtype]))
         for shape in ((4, 4, 64, 0, False), (2, 2, 256, 64, True), (8, 2, 128, 128, False), (1, 1, 64, 0, False)):
             for batch in (4, 1):

@@ -91,13 +91,16 @@ def add_norm(h, y, bias, weight, norm_bias, eps: float, rms: bool):
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, N, K, stride_wn, act_cols, eps,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, g_ptr, c_ptr, N, K, stride_wn, act_cols, eps,
                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                 HAS_NORM_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 FOLDED: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EVEN_N: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """NORM (1 layernorm, 2 RMSNorm) normalises x on the fly. FOLDED: with G = W g and C = W b
+    precomputed, norm(x) W^T = rstd (sum_k x_k g_k W_nk - mean G_n) + C_n, so the statistics
+    accumulate in the same loop as the product and no program makes a separate pass over x."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
-    if NORM != 0:  # every program normalises x itself (K values, from L2): no separate norm kernel
+    if NORM != 0 and not FOLDED:
         total = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -109,6 +112,9 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, N, K, st
             centred = tl.where(k < K, tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32) - mean, 0.0)
             total += centred * centred
         rstd = 1.0 / tl.sqrt(tl.sum(total, axis=0) / K + eps)
+    if FOLDED:
+        s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
     # a 2-D accumulator, reduced once at the end: no cross-lane reduction inside the K loop
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     if GATED:  # rows [0, N) are the gate, rows [N, 2N) the up projection
@@ -120,7 +126,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, N, K, st
             x = tl.load(x_ptr + k).to(tl.float32)
         else:
             x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        if NORM != 0:
+        if FOLDED:
+            s1 += x
+            s2 += x * x
+            x = x * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        elif NORM != 0:
             x = (x - mean) * rstd * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
             if HAS_NORM_BIAS:
                 x += tl.load(nb_ptr + k, mask=k < K, other=0.0).to(tl.float32)
@@ -137,10 +147,27 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, N, K, st
                 u = tl.load(w_rows + N * stride_wn + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
             acc_up += u.to(tl.float32) * x[None, :]
     y = tl.sum(acc, axis=1)
+    if GATED:
+        up = tl.sum(acc_up, axis=1)
+    if FOLDED:
+        mean = tl.sum(s1, axis=0) / K if NORM == 1 else 0.0
+        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, axis=0) / K - mean * mean, 0.0) + eps)
+        if NORM == 1:
+            y = rstd * (y - mean * tl.load(g_ptr + n, mask=n_mask, other=0.0))
+        else:
+            y = rstd * y
+        if HAS_NORM_BIAS:
+            y += tl.load(c_ptr + n, mask=n_mask, other=0.0)
+        if GATED:
+            if NORM == 1:
+                up = rstd * (up - mean * tl.load(g_ptr + N + n, mask=n_mask, other=0.0))
+            else:
+                up = rstd * up
+            if HAS_NORM_BIAS:
+                up += tl.load(c_ptr + N + n, mask=n_mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
     if GATED:
-        up = tl.sum(acc_up, axis=1)
         if HAS_BIAS:
             up += tl.load(b_ptr + N + n, mask=n_mask, other=0.0).to(tl.float32)
         y = _activate(y, ACT) * up
@@ -161,23 +188,26 @@ def _gemv_config(N: int, K: int) -> tuple[int, int, int]:
     if forced:
         bn, bk, warps = (int(v) for v in forced.split(","))
         return bn, min(bk, next_pow2(K)), warps
-    return 4, min(1024, next_pow2(K)), 8 if N <= 1024 else 4
+    return 4, min(512 if N >= 16384 and K <= 1024 else 1024, next_pow2(K)), 8 if N <= 1024 else 4
 
 
 def gemv(x, weight, bias, act, gated, act_cols, out, norm=None, residual=None):
-    """See ops.linear (M == 1). norm: (weight, bias, eps, rms) applied to x first."""
+    """See ops.linear (M == 1). norm: (weight, bias, eps, rms[, G, C]) applied to x first; with the
+    folded sums G = W weight and C = W bias (fp32) the kernel skips its pass over x (see the kernel)."""
     n_out = weight.shape[0] // (2 if gated else 1)
     K = weight.shape[1]
     assert x.stride(-1) == 1 and weight.stride(1) == 1
     if out is None:
         out = torch.empty((1, n_out), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = _gemv_config(n_out, K)
-    nw, nb, eps, rms = norm if norm is not None else (weight, None, 0.0, False)
+    nw, nb, eps, rms, g, c = (*norm, None, None)[:6] if norm is not None else (weight, None, 0.0, False, None, None)
+    folded = norm is not None and g is not None and (nb is None or c is not None)
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else weight, out,
-        nw, nb if nb is not None else weight, n_out, K, weight.stride(0), n_out if act_cols is None else act_cols, eps,
+        nw, nb if nb is not None else weight, g if g is not None else weight, c if c is not None else weight,
+        n_out, K, weight.stride(0), n_out if act_cols is None else act_cols, eps,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=gated, NORM=0 if norm is None else (2 if rms else 1),
-        HAS_NORM_BIAS=nb is not None, HAS_RES=residual is not None, EVEN_N=n_out % block_n == 0,
+        FOLDED=folded, HAS_NORM_BIAS=nb is not None, HAS_RES=residual is not None, EVEN_N=n_out % block_n == 0,
         EVEN_K=K % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return out
 
@@ -329,12 +359,16 @@ def _counters(device, count: int) -> torch.Tensor:
 
 def _attention_config(rows: int, heads: int, block_d: int, max_len: int) -> tuple[int, int, int]:
     """(BLOCK_T, SPLITS, num_warps): split the cache when there are too few (row, head) programs to
-    fill the GPU. FT_RUNNER_ATTN="block_t,min_programs,warps" overrides (for tuning)."""
-    block_t, min_programs, warps = 32, 512, 4 if block_d <= 128 else 8
+    fill the GPU. From an H200 sweep (benchmarks/microbench.py --sweep): 4 warps throughout, 64
+    positions a tile once there are many programs, 32 while each program covers a short split.
+    FT_RUNNER_ATTN="block_t,min_programs,warps" overrides (for tuning)."""
+    programs = rows * heads
+    block_t = 64 if programs >= 256 and block_d <= 256 else 32
+    min_programs, warps = (2048 if programs <= 512 else 1024), 4
     if os.environ.get("FT_RUNNER_ATTN"):
         block_t, min_programs, warps = (int(v) for v in os.environ["FT_RUNNER_ATTN"].split(","))
     splits = 1
-    while rows * heads * splits < min_programs and splits < 16 and splits * 2 * block_t <= max_len:
+    while programs * splits < min_programs and splits < 16 and splits * 2 * block_t <= max_len:
         splits *= 2
     return block_t, splits, warps
 
