@@ -114,11 +114,21 @@ class Server:
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                self._kill_group()
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             if self.ready() and "rank 0 pid" in self.output():
                 return self
             time.sleep(0.5)
+        self._kill_group()
         raise TimeoutError(f"server not ready in {self.ready_timeout}s:\n{self.output()}")
+
+    def _kill_group(self) -> None:
+        """A server that failed to start leaves nothing behind (its ranks share mpirun's session)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
 
     def ready(self) -> bool:
         try:
