@@ -124,10 +124,7 @@ class Server:
 
     def _kill_group(self) -> None:
         """A server that failed to start leaves nothing behind (its ranks share mpirun's session)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        subprocess.run(["pkill", "-KILL", "-s", str(self.proc.pid)], check=False)
         self.proc.wait()
 
     def ready(self) -> bool:
