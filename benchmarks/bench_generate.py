@@ -276,7 +276,8 @@ def bench_model(name: str, args, runtime, copy_gbps: float) -> list[Row]:
     if runtime.comm.Get_size() > 1:
         wait_for_rank0(runtime.comm)
     if "ft_runner" in args.engines:
-        ckpt = parallel.from_root(runtime.comm, lambda: str(convert(hf_dir, work / "ft", grid.tp, args.dtype,
+        ckpt_tp = args.ckpt_tp or grid.tp  # another TP's checkpoint is joined / re-split by the loader
+        ckpt = parallel.from_root(runtime.comm, lambda: str(convert(hf_dir, work / "ft", ckpt_tp, args.dtype,
                                                                     log=lambda *_: None)))
         stage = load_stage(Path(ckpt), grid, runtime.tp_group, args.dtype, device)
         generator = Generator(stage, runtime)
@@ -373,6 +374,8 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp16")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (run under mpirun -n TP)")
+    p.add_argument("--ckpt-tp", type=int, default=0, help="convert for this TP (default: --tp); the loader "
+                                                            "joins or re-splits it")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {ENGINES}")
     p.add_argument("--runs", type=int, default=3, help="timed runs per mode (median)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")

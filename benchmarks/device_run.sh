@@ -9,7 +9,9 @@
 #   bench-small the BENCHMARKS.md rows for gpt2 and gpt2-medium (all engines)
 #   bench-large the BENCHMARKS.md rows for GPT-J-6B (all engines)
 #   bench-llama the BENCHMARKS.md rows for Llama-3-8B
-#   tp2         (two GPUs) parity TP=1/TP=2 fp32+fp16, end-to-end server TP=2, GPT-J bs1 TP=1 vs TP=2
+#   tp2-parity  (two GPUs) parity TP=2 fp32+fp16 and TP=1 fp32
+#   tp2-e2e     (two GPUs) end-to-end server TP=2 (needs PyTriton installed)
+#   tp2-bench   (two GPUs) GPT-J bs1 decode, TP=2 then TP=1 (one conversion)
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
@@ -58,18 +60,23 @@ for s in "$@"; do
     $BENCH --models llama-3-8b --batch 1,32,64 > "$OUT/bench_llama.log" 2>&1
     grep -E "^model|^---|  fp16 |Error|error" "$OUT/bench_llama.log" | tail -30
     ;;
-  tp2)
+  tp2-parity)
     step tp2-parity
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4
     $MPI -n 2 python3 benchmarks/gpu_checks.py --tp 2 --dtypes fp32,fp16 > "$OUT/gpu_checks_tp2.log" 2>&1
     grep -E "GPUCHECK|SELFCHECK|Error" "$OUT/gpu_checks_tp2.log" | tail -14
     python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp32 --skip-kernels > "$OUT/gpu_checks_tp1_fp32.log" 2>&1
     grep -E "GPUCHECK|Error" "$OUT/gpu_checks_tp1_fp32.log" | tail -8
+    ;;
+  tp2-e2e)
     step tp2-e2e
     python3 benchmarks/gpu_e2e.py --tp 2 > "$OUT/e2e_tp2.log" 2>&1; grep -E "E2E|Error" "$OUT/e2e_tp2.log" | tail -10
+    ;;
+  tp2-bench)
     step tp2-bench
-    $BENCH --models gptj-6b --batch 1 --engines ft_runner > "$OUT/bench_tp.log" 2>&1
-    $MPI -n 2 $BENCH --tp 2 --models gptj-6b --batch 1 --engines ft_runner >> "$OUT/bench_tp.log" 2>&1
-    grep -E "^model|^---|  fp16 |Error|error" "$OUT/bench_tp.log" | tail -12
+    $MPI -n 2 $BENCH --tp 2 --models gptj-6b --batch 1 --engines ft_runner > "$OUT/bench_tp.log" 2>&1
+    $BENCH --tp 1 --ckpt-tp 2 --models gptj-6b --batch 1 --engines ft_runner >> "$OUT/bench_tp.log" 2>&1
+    grep -E "^model|^---|  fp16 |Error|error|Warning: CUDA" "$OUT/bench_tp.log" | tail -12
     ;;
   *) echo "unknown step $s" ;;
   esac

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -147,7 +148,7 @@ class Generator:
             if stream.done:
                 break
             if self.graphs is not None and mode != "eager":
-                self.graphs.run((state.rows, mode), step, state)
+                self._run_graph((state.rows, mode), step, state)
             else:
                 step()
             stream.push(index)
@@ -186,8 +187,19 @@ class Generator:
             logits = self._forward(ids, positions, state.lengths, view, last, prefill=True)
             self._choose(logits, state, history, mode)
 
-        self.graphs.run(key, prefill, state)
+        self._run_graph(key, prefill, state)
 
+    def _run_graph(self, key, fn, state: StepState) -> None:
+        """Replay (capturing first) the graph of `fn`; if capture fails, warn once and go eager."""
+        try:
+            self.graphs.run(key, fn, state)
+        except RuntimeError as exc:
+            if key in self.graphs.graphs:  # a replay failed: not a capture problem
+                raise
+            warnings.warn(f"CUDA graph capture failed ({exc}); decoding without graphs", stacklevel=2)
+            torch.cuda.synchronize()
+            self.graphs = None
+            fn()
     def _resources(self, B: int, need: int, max_new: int, mode: str) -> tuple[StepState, KVCache]:
         """(StepState, KVCache) for a batch; with CUDA graphs both persist across batches (the graphs
         hold their addresses), padded to the batch ladder."""
