@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import numpy as np
 
@@ -166,6 +167,10 @@ def _print_batch(args, result) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from pytriton.client.exceptions import PyTritonClientError
+    from pytriton.client.warnings import NotSupportedTimeoutWarning
+
+    # PyTriton warns that its own connection timeouts differ from ours on every call: noise for a CLI
+    warnings.filterwarnings("ignore", category=NotSupportedTimeoutWarning)
 
     options = _options(args)
     try:
