@@ -402,8 +402,17 @@ def main(argv=None) -> int:
     if runtime.rank == 0:
         log(f"{gpu_name(device)}: device-to-device copy {copy_gbps:.0f} GB/s (read + write); torch {torch.__version__}")
     rows = []
-    for name in args.models:
-        rows += bench_model(name, args, runtime, copy_gbps)
+    try:
+        for name in args.models:
+            rows += bench_model(name, args, runtime, copy_gbps)
+    except Exception:
+        if runtime.comm.Get_size() == 1:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        runtime.comm.Abort(1)  # never leave the other ranks waiting for this one
     if runtime.rank == 0:
         report(rows, args, device)
     parallel.shutdown(runtime)

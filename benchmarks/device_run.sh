@@ -10,8 +10,12 @@
 #   bench-large the BENCHMARKS.md rows for GPT-J-6B (all engines)
 #   bench-llama the BENCHMARKS.md rows for Llama-3-8B
 #   tp2-parity  (two GPUs) parity TP=2 fp32+fp16 and TP=1 fp32
-#   tp2-e2e     (two GPUs) end-to-end server TP=2 (needs PyTriton installed)
-#   tp2-bench   (two GPUs) GPT-J bs1 decode, TP=2 then TP=1 (one conversion)
+#   tp2-bench   (two GPUs) GPT-J bs1 decode, TP=2 then TP=1 (one conversion); run it before the
+#               wheelhouse's part 2 (numpy 1.26.4) is installed
+#   tp2-e2e     (two GPUs) end-to-end server TP=2 (needs both wheelhouse parts installed)
+# Two-GPU session, two back-to-back calls (each carries one wheelhouse part):
+#   python3 -m pip install -q --no-index --no-deps .whl/1/*.whl; bash benchmarks/device_run.sh tp2-bench tp2-parity
+#   python3 -m pip install -q --no-index --no-deps .whl/2/*.whl; bash benchmarks/device_run.sh tp2-e2e
 set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
@@ -70,7 +74,12 @@ for s in "$@"; do
     ;;
   tp2-e2e)
     step tp2-e2e
-    python3 benchmarks/gpu_e2e.py --tp 2 > "$OUT/e2e_tp2.log" 2>&1; grep -E "E2E|Error" "$OUT/e2e_tp2.log" | tail -10
+    # The wheelhouse's numpy 1.26.4 (PyTriton 0.7 answers empty under numpy 2) lacks the np.long / np.ulong
+    # aliases transformers 5.17 imports: put them back for this step's processes only.
+    mkdir -p /tmp/npshim
+    printf 'import numpy\nfor _n, _t in (("long", "int_"), ("ulong", "uint")):\n    if not hasattr(numpy, _n):\n        setattr(numpy, _n, getattr(numpy, _t))\n' > /tmp/npshim/sitecustomize.py
+    PYTHONPATH=$PWD:/tmp/npshim python3 benchmarks/gpu_e2e.py --tp 2 > "$OUT/e2e_tp2.log" 2>&1
+    grep -E "E2E|Error" "$OUT/e2e_tp2.log" | tail -10
     ;;
   tp2-bench)
     step tp2-bench

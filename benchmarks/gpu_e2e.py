@@ -75,7 +75,8 @@ def main(argv=None) -> int:
            str(ROOT / "server.py"), "--tp", str(args.tp), "--hf-model-name", str(model), "--model-name", "tiny",
            "--data-type", args.data_type, "--output-dir", str(work / "ft_models"), "--bind-address", "127.0.0.1",
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               PYTHONUNBUFFERED="1")
     log = open(work / "server.log", "w")
     print("E2E server:", " ".join(cmd), flush=True)
     server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
