@@ -21,9 +21,8 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 import urllib.request
+from pathlib import Path
 
 import aiohttp
 import numpy as np

@@ -13,7 +13,7 @@ from ft_runner.checkpoint import layout
 from ft_runner.checkpoint.convert import convert
 from ft_runner.config import ConfigError, ModelConfig
 
-H, L, V, P, I = 48, 4, 1027, 128, 192  # the tiny_gpt2 fixture's shape
+H, L, V, P, I = 48, 4, 1027, 128, 192  # noqa: E741  (the tiny_gpt2 fixture's shape)
 
 
 def _hf_state(model_dir):

@@ -6,7 +6,6 @@ import subprocess
 import pytest
 import torch
 import transformers
-
 from helpers import ROOT, TOKENIZER_DIR, make_tiny_gpt2, mpi_env, mpirun
 
 

@@ -8,7 +8,6 @@ import urllib.request
 import openai
 import pytest
 import transformers
-
 from helpers import Server, free_ports, hf_greedy, make_tiny_gpt2
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -3,7 +3,6 @@
 import subprocess
 
 import pytest
-
 from helpers import ROOT, mpi_env, mpirun
 
 

@@ -10,15 +10,28 @@ import re
 import numpy as np
 import pytest
 import torch
-from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, NoBadWordsLogitsProcessor,
-                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from surface import hf_generate, hf_logits, ours, text_infer, token_infer, tokenizer, word_list
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from ft_runner.engine.beam import rank_candidates
 from ft_runner.engine.generator import Batch
-from ft_runner.engine.sampler import (DecodeState, Finish, SamplingParams, filter_top_k_top_p, parse_word_list,
-                                      sample, to_word_list, uniform)
-from surface import (hf_generate, hf_logits, ours, text_infer, token_infer, tokenizer, word_list)
+from ft_runner.engine.sampler import (
+    DecodeState,
+    Finish,
+    SamplingParams,
+    filter_top_k_top_p,
+    parse_word_list,
+    sample,
+    to_word_list,
+    uniform,
+)
 
 V = 50
 

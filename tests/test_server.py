@@ -10,9 +10,8 @@ import time
 import numpy as np
 import pytest
 import transformers
-from pytriton.client import ModelClient
-
 from helpers import ROOT, Server, hf_greedy, mpi_env, mpirun, port_free
+from pytriton.client import ModelClient
 
 PROMPTS = ["Thank you for", "Q: Are you going for lunch?", "The class statement", "x"]
 NEW = 12

@@ -15,7 +15,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from helpers import ROOT
 from surface import STREAM, TEXT, hf_generate, text_infer, tokenizer
 

@@ -14,7 +14,6 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-
 from helpers import ROOT
 from surface import TEXT, TOKENS, hf_generate, hf_logits, ours, text_infer, token_infer, tokenizer
 

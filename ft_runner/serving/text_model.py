@@ -17,8 +17,19 @@ from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.beam import with_beam_axis
 from ft_runner.serving.engine import Engine
-from ft_runner.serving.validation import (Limits, RequestError, Rows, check_prompt_bytes, check_rows, make_batch,
-                                          param_inputs, per_row, request_slices, row_params, text_word_lists)
+from ft_runner.serving.validation import (
+    Limits,
+    RequestError,
+    Rows,
+    check_prompt_bytes,
+    check_rows,
+    make_batch,
+    param_inputs,
+    per_row,
+    request_slices,
+    row_params,
+    text_word_lists,
+)
 
 WORD_INPUTS = ("stop_words", "bad_words")
 INPUTS = [

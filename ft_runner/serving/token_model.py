@@ -22,8 +22,18 @@ from pytriton.model_config import ModelConfig, Tensor
 from ft_runner.engine.beam import with_beam_axis
 from ft_runner.serving.engine import Engine
 from ft_runner.serving.text_model import pad_last
-from ft_runner.serving.validation import (Limits, RequestError, Rows, check_rows, ft_word_lists, make_batch,
-                                          param_inputs, per_row, request_slices, row_params)
+from ft_runner.serving.validation import (
+    Limits,
+    RequestError,
+    Rows,
+    check_rows,
+    ft_word_lists,
+    make_batch,
+    param_inputs,
+    per_row,
+    request_slices,
+    row_params,
+)
 
 NAME = "fastertransformer"
 WORD_INPUTS = ("stop_words_list", "bad_words_list")
