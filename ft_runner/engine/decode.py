@@ -289,15 +289,6 @@ class ModuleDecoder:
         self.generator = generator
         self.vocab = generator.model.config.vocab_size
 
-    @staticmethod
-    def _folded(norm: Norm, weight) -> tuple:
-        return (*norm.args(), *ops.fold_norm(norm.weight, norm.bias, weight))
-
-    def _fold(self, layer: FusedLayer) -> None:
-        layer.fold1 = self._folded(layer.norm1, layer.qkv_w)
-        if layer.fc1_w is not None:
-            layer.fold2 = self._folded(layer.norm2 or layer.norm1, layer.fc1_w)
-
     def prepare(self, max_len: int) -> None:
         pass
 
