@@ -86,12 +86,13 @@ def mpi_comm():
     return MPI.COMM_WORLD
 
 
-def local_rank_and_size(comm) -> tuple[int, int]:
+def node_allgather(comm, value) -> tuple[int, list]:
+    """This rank's index on its node, and `value` from every rank of the node."""
     from mpi4py import MPI
 
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
-        return node.Get_rank(), node.Get_size()
+        return node.Get_rank(), node.allgather(value)
     finally:
         node.Free()
 
@@ -105,8 +106,8 @@ def pick_device(comm, device: str) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no GPU")
-    local_rank, local_size = local_rank_and_size(comm)
-    visible = _node_allgather(comm, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    local_rank, visible = node_allgather(comm, os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+    local_size = len(visible)
     count = torch.cuda.device_count()
     if count == 1 and all(visible) and len(set(visible)) == local_size:
         index = 0
@@ -121,17 +122,6 @@ def pick_device(comm, device: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-def _node_allgather(comm, value: str) -> list[str]:
-    """`value` from every rank on this node."""
-    from mpi4py import MPI
-
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return node.allgather(value)
-    finally:
-        node.Free()
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
@@ -142,7 +132,7 @@ def _master_address(comm) -> str:
     """127.0.0.1 when every rank shares rank 0's node, else rank 0's host name."""
     from mpi4py import MPI
 
-    _, local_size = local_rank_and_size(comm)
+    local_size = len(node_allgather(comm, None)[1])
     same_node = comm.allreduce(local_size, op=MPI.MIN) == comm.Get_size()
     return os.environ.get("FT_RUNNER_MASTER_ADDR") or ("127.0.0.1" if same_node else socket.getfqdn())
 

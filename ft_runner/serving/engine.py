@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ft_runner.engine.generator import Batch, Generator, Output
+from ft_runner.engine.sampler import Finish
 from ft_runner.serving.metrics import Metrics, RequestTimer
 from ft_runner.serving.protocol import Channel
 
@@ -121,7 +122,8 @@ class Engine:
         for i, job in enumerate(jobs):
             part = output if len(jobs) == 1 else split_output(output, spans[i], spans[i + 1], job.batch)
             generated = part.sequence_lengths.reshape(job.batch.size, -1)[:, 0] - job.batch.lengths  # best beam
-            reasons = ["length" if n >= want else "stop" for n, want in zip(generated, job.batch.output_lens)]
+            codes = part.finish_reason.reshape(job.batch.size, -1)[:, 0]
+            reasons = ["length" if code == Finish.LENGTH else "stop" for code in codes]
             job.timer.done(True, int(job.batch.lengths.sum()), int(generated.sum()), reasons)
             job.future.set_result(part)
 

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from ft_runner.engine.generator import Batch
+from ft_runner.engine.sampler import Finish
 from ft_runner.serving.engine import Engine, ServerStopping
 
 
@@ -269,9 +270,8 @@ class _Stream:
         for row in range(self.batch.size):
             n = len(self.tokens[row])
             if self.finish[row] is None:
-                self.finish[row] = "length" if n >= self.batch.output_lens[row] else "stop"
+                self.finish[row] = "length" if output.finish_reason[row] == Finish.LENGTH else "stop"
             self.logprobs[row] = output.output_log_probs[row, :n].tolist()
-        self.output = output
 
     def _usage(self) -> dict:
         prompt = int(self.batch.lengths[:: self.body.n].sum())
