@@ -64,7 +64,8 @@ def start_hf(model: str, log) -> tuple[subprocess.Popen, str]:
 
 def start_ft(model: str, tp: int, out_dir: Path, log) -> tuple[subprocess.Popen, str]:
     openai_port, http, grpc, metrics = (free_port() for _ in range(4))
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONPATH=path)
     mpirun = str(Path(sys.executable).parent / "mpirun") if (Path(sys.executable).parent / "mpirun").exists() else "mpirun"
     cmd = [mpirun, "-n", str(tp), "--oversubscribe", sys.executable, str(ROOT / "server.py"), "--tp", str(tp),
            "--hf-model-name", model, "--output-dir", str(out_dir), "--bind-address", "127.0.0.1",

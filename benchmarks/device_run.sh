@@ -9,6 +9,9 @@
 #   bench-small the BENCHMARKS.md rows for gpt2 and gpt2-medium (all engines)
 #   bench-large the BENCHMARKS.md rows for GPT-J-6B (all engines)
 #   bench-llama the BENCHMARKS.md rows for Llama-3-8B
+#   bench-bf16  the BENCHMARKS.md bf16 rows for GPT-J-6B and Llama-3-8B (all engines)
+#   before-after (needs the PyTriton wheelhouse and .whl/3, the OpenAI API's wheels) the REST
+#               before/after of issue #9 on a random GPT-J-6B (benchmarks/before_after.py)
 #   tp2-parity  (two GPUs) parity TP=2 fp32+fp16 and TP=1 fp32
 #   tp2-bench   (two GPUs) GPT-J bs1 decode, TP=2 then TP=1 (one conversion); run it before the
 #               wheelhouse's part 2 (numpy 1.26.4) is installed
@@ -25,6 +28,12 @@ MPI="mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -x PYTHONUNBUFFERED
 BENCH="python3 benchmarks/bench_generate.py --results $OUT/results"
 
 step() { echo "=== $1 ($(date -u +%H:%M:%S))"; }
+# The wheelhouse's numpy 1.26.4 (PyTriton 0.7 answers empty under numpy 2) lacks the np.long / np.ulong
+# aliases the host's transformers 5.17 imports: steps that serve put them back for their processes only.
+shim_numpy() {
+  mkdir -p /tmp/npshim
+  printf 'import numpy\nfor _n, _t in (("long", "int_"), ("ulong", "uint")):\n    if not hasattr(numpy, _n):\n        setattr(numpy, _n, getattr(numpy, _t))\n' > /tmp/npshim/sitecustomize.py
+}
 
 for s in "$@"; do
   case $s in
@@ -64,6 +73,20 @@ for s in "$@"; do
     $BENCH --models llama-3-8b --batch 1,32,64 > "$OUT/bench_llama.log" 2>&1
     grep -E "^model|^---|  fp16 |Error|error" "$OUT/bench_llama.log" | tail -30
     ;;
+  bench-bf16)
+    step bench-bf16
+    $BENCH --models gptj-6b,llama-3-8b --dtype bf16 --batch 1,32,64 > "$OUT/bench_bf16.log" 2>&1
+    grep -E "^model|^---|  bf16 |Error|error" "$OUT/bench_bf16.log" | tail -30
+    ;;
+  before-after)
+    step before-after
+    shim_numpy
+    PYTHONPATH=$PWD:/tmp/npshim python3 benchmarks/random_model.py --shape gptj-6b --out /tmp/gptj-random \
+      > "$OUT/before_after.log" 2>&1
+    PYTHONPATH=$PWD:/tmp/npshim python3 benchmarks/before_after.py --model /tmp/gptj-random \
+      --concurrency 1 4 16 --requests 24 --max-tokens 64 --out "$OUT/before_after" >> "$OUT/before_after.log" 2>&1
+    grep -A8 -E "^engine" "$OUT/before_after.log"; grep -E "Error|error" "$OUT/before_after.log" | tail -5
+    ;;
   tp2-parity)
     step tp2-parity
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4
@@ -74,10 +97,7 @@ for s in "$@"; do
     ;;
   tp2-e2e)
     step tp2-e2e
-    # The wheelhouse's numpy 1.26.4 (PyTriton 0.7 answers empty under numpy 2) lacks the np.long / np.ulong
-    # aliases transformers 5.17 imports: put them back for this step's processes only.
-    mkdir -p /tmp/npshim
-    printf 'import numpy\nfor _n, _t in (("long", "int_"), ("ulong", "uint")):\n    if not hasattr(numpy, _n):\n        setattr(numpy, _n, getattr(numpy, _t))\n' > /tmp/npshim/sitecustomize.py
+    shim_numpy
     PYTHONPATH=$PWD:/tmp/npshim python3 benchmarks/gpu_e2e.py --tp 2 > "$OUT/e2e_tp2.log" 2>&1
     grep -E "E2E|Error" "$OUT/e2e_tp2.log" | tail -10
     ;;

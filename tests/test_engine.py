@@ -10,7 +10,8 @@ import transformers
 from ft_runner import parallel
 from ft_runner.checkpoint.convert import convert
 from ft_runner.checkpoint.load import load_stage
-from ft_runner.engine.generator import Batch, Generator
+from ft_runner.engine.generator import CANCEL_EVERY, Batch, Generator
+from ft_runner.engine.sampler import Finish
 from ft_runner.serving.engine import Engine
 from ft_runner.serving.protocol import Channel
 
@@ -61,3 +62,33 @@ def test_run_drains_the_queue_then_stops(generator):
     assert future.result(0).sequence_lengths.tolist() == [7]
     with pytest.raises(RuntimeError, match="shutting down"):
         engine.submit_async(Batch.make([[5]], 1, end_id=-1))
+
+
+def test_a_cancelled_job_stops_within_a_few_steps_and_its_batch_mates_finish(generator):
+    """A client that leaves frees its rows: its job's rows finish as CANCELLED within CANCEL_EVERY steps,
+    a queued job given up by key never runs, and the job batched with them is unaffected."""
+    gen, runtime = generator
+    staying_batch = Batch.make([[8, 9]], 20, end_id=-1)
+    alone = gen.generate(staying_batch)
+    engine = Engine(gen, Channel(runtime.comm))
+    codes = []
+
+    def on_token(step, tokens, reasons):
+        codes.append(int(reasons[0]))
+        if step == 2:
+            leaving.cancel()
+
+    leaving = engine.submit_async(Batch.make([[5, 6, 7]], 200, end_id=-1), on_token=on_token)
+    steps = []
+    staying = engine.submit_async(staying_batch, on_token=lambda step, tokens, reasons: steps.append(step))
+    engine.submit_async(Batch.make([[4]], 5, end_id=-1), key="queued")
+    assert engine.cancel("queued") and not engine.cancel("unknown")
+    engine._execute(engine._gather(engine.jobs.get()))
+
+    assert leaving.cancelled()
+    assert codes[-1] == Finish.CANCELLED and len(codes) <= 3 + CANCEL_EVERY, codes
+    assert steps == list(range(20)), "the batch ran as long as the job that stayed, not the one that left"
+    np.testing.assert_array_equal(staying.result(0).output_ids, alone.output_ids)
+    counts = {s.labels["outcome"]: s.value for m in engine.metrics.requests.collect() for s in m.samples
+              if s.name.endswith("_total")}
+    assert counts == {"cancelled": 2.0, "success": 1.0}

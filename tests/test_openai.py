@@ -1,6 +1,8 @@
 """The OpenAI-compatible API (issue 9): the official `openai` client against a live mpirun server,
 and the request surface against a real in-process engine."""
 
+import json
+import socket
 import threading
 import time
 import urllib.request
@@ -130,6 +132,28 @@ def test_metrics_move_as_requests_are_served(client, server):
     after = {name: metric(server, name) for name in before}
     assert all(after[name] > before[name] for name in before), (before, after)
     assert metric(server, "ft_runner:num_requests_running") == 0
+
+
+def test_a_client_leaving_mid_stream_is_cancelled(client, server):
+    """The client closes its SSE connection after two chunks of 100: the engine gives its job up."""
+    cancelled = 'ft_runner:requests_total{outcome="cancelled"}'
+    before = metric(server, cancelled)
+    body = json.dumps({"model": "tiny_chat_gpt2", "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True,
+                       "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", int(server.openai_url.rsplit(":", 1)[1]))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        received = b""
+        while received.count(b"data:") < 2:
+            chunk = conn.recv(4096)
+            assert chunk, "the stream ended before two chunks"
+            received += chunk
+    deadline = time.time() + 10
+    while metric(server, cancelled) == before and time.time() < deadline:
+        time.sleep(0.1)
+    assert metric(server, cancelled) == before + 1
+    assert metric(server, "ft_runner:num_requests_running") == 0
+    client.completions.create(model="tiny_chat_gpt2", prompt=PROMPT, max_tokens=4, temperature=0)
 
 
 @pytest.mark.parametrize("kwargs,param", [

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ft_runner.engine import decode
 from ft_runner.engine.cuda_graph import StepGraphs, padded_batch
 from ft_runner.engine.kv_cache import KVCache
-from ft_runner.engine.sampler import DecodeState, SamplingParams, sample, word_list_batch
+from ft_runner.engine.sampler import DecodeState, Finish, SamplingParams, sample, word_list_batch
 from ft_runner.engine.step_state import StepState, TokenStream
 from ft_runner.kernels import ops
 
@@ -34,6 +34,7 @@ STREAM_LAG = 4  # steps the host may run ahead of the tokens it has seen
 PROMPT_GRANULE = 64  # captured prefills pad prompts to a multiple of this many tokens
 MAX_PROMPT_GRAPH_TOKENS = 1 << 16  # larger prefills run eagerly (their launch overhead is relatively small)
 MAX_PROMPT_GRAPHS = 16
+CANCEL_EVERY = 8  # decode steps between two looks at rank 0's cancelled rows
 
 WORD_LISTS = ("stop_words", "bad_words")
 
@@ -121,9 +122,11 @@ class Generator:
             rotary.inv = rotary.inv.to(self.device)  # no host-to-device copy inside a captured prefill
 
     @torch.inference_mode()
-    def generate(self, batch: Batch, on_token=None) -> Output:
+    def generate(self, batch: Batch, on_token=None, cancelled=None) -> Output:
         """Run the batch to completion. `on_token(step, tokens, reasons)` sees each step's tokens and
         every row's Finish code after it (numpy, (B,)); a row's token counts while its code was 0.
+        `cancelled()`, given on rank 0 only, returns a (B,) bool mask of rows nobody waits for any
+        more: every CANCEL_EVERY steps rank 0 shares it and those rows finish as Finish.CANCELLED.
         Rows with beam_width > 1 go to beam search (one output per beam, no on_token)."""
         if (batch.beam_width > 1).any():
             from ft_runner.engine import beam  # beam.py builds on this module
@@ -147,6 +150,8 @@ class Generator:
         for index in range(1, max_new):
             if stream.done:
                 break
+            if index % CANCEL_EVERY == 0:
+                self._cancel_rows(state, B, cancelled)
             if self.graphs is not None and mode != "eager":
                 self._run_graph((state.rows, mode), step, state)
             else:
@@ -156,6 +161,22 @@ class Generator:
         steps = stream.steps or max_new
         return self._output(batch, state.tokens[:steps, :B].T, state.logprobs[:steps, :B].T, state.produced[:B],
                             state.reasons[:B])
+
+    def _cancel_rows(self, state: StepState, B: int, cancelled) -> None:
+        """Finish the rows rank 0 calls cancelled; with several ranks every rank takes part."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mask = cancelled() if cancelled is not None else None
+        gone = mask is not None and bool(mask.any())
+        if world == 1 and not gone:
+            return
+        if gone:  # rare: only then a host-to-device copy
+            flags = torch.from_numpy(mask.astype(np.int64)).to(self.device)
+        else:
+            flags = torch.zeros(B, dtype=torch.int64, device=self.device)
+        if world > 1:
+            dist.broadcast(flags, src=0)
+        rows = state.reasons[:B]
+        rows.copy_(torch.where((flags != 0) & (rows == Finish.RUNNING), int(Finish.CANCELLED), rows))
 
     def _prefill(self, batch: Batch, state: StepState, cache: KVCache, history, mode: str) -> None:
         """The prompts' forward pass and the first token. With CUDA graphs, prompts are padded to a

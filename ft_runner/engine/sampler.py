@@ -29,10 +29,11 @@ class Finish(enum.IntEnum):
     LENGTH = 1
     END_ID = 2
     STOP_WORD = 3
+    CANCELLED = 4  # its request went away (engine/generator.py: `cancelled`)
 
     @property
     def label(self) -> str:
-        return {0: "", 1: "length", 2: "end_id", 3: "stop_word"}[int(self)]
+        return {0: "", 1: "length", 2: "end_id", 3: "stop_word", 4: "cancelled"}[int(self)]
 
 
 @dataclasses.dataclass

@@ -27,14 +27,18 @@ class EngineFailed(RuntimeError):
 @dataclasses.dataclass
 class _Job:
     batch: Batch
-    future: concurrent.futures.Future
+    future: concurrent.futures.Future  # cancelling it (Future.cancel) stops the job's rows
     on_token: Optional[Callable] = None  # Generator.generate's on_token, called on the engine thread
     timer: Optional[RequestTimer] = None
+    key: Optional[str] = None  # the name `Engine.cancel` knows the job by
 
 
 class Engine:
     """Serving threads `submit` batches; `run` (on the main thread) executes them one by one,
-    first telling every other rank what to run so their collectives match rank 0's."""
+    first telling every other rank what to run so their collectives match rank 0's.
+
+    A job whose future is cancelled (its client went away) is dropped if it has not started, and
+    its rows stop within a few steps if it has (Generator.generate's `cancelled`)."""
 
     def __init__(self, generator: Generator, channel: Channel, metrics: Optional[Metrics] = None,
                  max_rows: int = 128):
@@ -46,18 +50,29 @@ class Engine:
         self.accepting = True
         self.refusal = "the server is shutting down and accepts no new requests"
         self._lock = threading.Lock()  # no job may enter the queue once it is closed and drained
+        self._keyed: dict[str, _Job] = {}  # jobs submitted with a key, until they end
 
     def submit(self, batch: Batch, on_token: Optional[Callable] = None) -> Output:
         """Queue a batch and wait for its output; `on_token` sees each step's tokens as they come."""
         return self.submit_async(batch, on_token).result()
 
-    def submit_async(self, batch: Batch, on_token: Optional[Callable] = None) -> concurrent.futures.Future:
+    def submit_async(self, batch: Batch, on_token: Optional[Callable] = None,
+                     key: Optional[str] = None) -> concurrent.futures.Future:
+        """Queue a batch; its future holds the Output. `future.cancel()`, or `cancel(key)`, gives it up."""
         with self._lock:
             if not self.accepting:
                 raise ServerStopping(self.refusal)
-            job = _Job(batch, concurrent.futures.Future(), on_token, RequestTimer(self.metrics, batch.size))
+            job = _Job(batch, concurrent.futures.Future(), on_token, RequestTimer(self.metrics, batch.size), key)
+            if key is not None:
+                self._keyed[key] = job
+                job.future.add_done_callback(lambda _: self._keyed.pop(key, None))
             self.jobs.put(job)
         return job.future
+
+    def cancel(self, key: str) -> bool:
+        """Give up the job submitted with `key` (its client went away); False if it has ended."""
+        job = self._keyed.get(key)
+        return job is not None and job.future.cancel()
 
     def run(self, stop: threading.Event) -> None:
         """Serve jobs until `stop` is set, then finish the queued ones and release the workers."""
@@ -94,6 +109,12 @@ class Engine:
         return jobs
 
     def _execute(self, jobs: list[_Job]) -> None:
+        for job in [j for j in jobs if j.future.cancelled()]:  # given up while queued
+            job.timer.started()
+            job.timer.done("cancelled", reasons=["abort"] * job.batch.size)
+        jobs = [j for j in jobs if not j.future.cancelled()]
+        if not jobs:
+            return
         batch = jobs[0].batch if len(jobs) == 1 else concat_batches([j.batch for j in jobs])
         spans = np.cumsum([0] + [j.batch.size for j in jobs])
         if self.channel.comm.Get_size() > 1:
@@ -112,20 +133,24 @@ class Engine:
                 if job.on_token is not None:
                     job.on_token(step, tokens[a:b], reasons[a:b])
 
+        def cancelled():
+            return np.repeat([job.future.cancelled() for job in jobs], np.diff(spans))
+
         try:
-            output = self.generator.generate(batch, on_token=on_token)
+            output = self.generator.generate(batch, on_token=on_token, cancelled=cancelled)
         except Exception as exc:  # ranks may now be out of step: fail every request, the caller ends the job
             for job in jobs:
-                job.timer.done(ok=False)
+                job.timer.done("error")
             self._fail_all(jobs, exc)
             raise EngineFailed(f"generation failed: {_first_line(exc)}") from exc
         for i, job in enumerate(jobs):
             part = output if len(jobs) == 1 else split_output(output, spans[i], spans[i + 1], job.batch)
             generated = part.sequence_lengths.reshape(job.batch.size, -1)[:, 0] - job.batch.lengths  # best beam
             codes = part.finish_reason.reshape(job.batch.size, -1)[:, 0]
-            reasons = ["length" if code == Finish.LENGTH else "stop" for code in codes]
-            job.timer.done(True, int(job.batch.lengths.sum()), int(generated.sum()), reasons)
-            job.future.set_result(part)
+            reasons = [_REASON_LABELS.get(int(code), "stop") for code in codes]
+            outcome = "cancelled" if job.future.cancelled() else "success"
+            job.timer.done(outcome, int(job.batch.lengths.sum()), int(generated.sum()), reasons)
+            _settle(job.future, part)
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on; the queued ones still run (a drain). Safe from a signal handler."""
@@ -142,12 +167,26 @@ class Engine:
                    "the server is ending the job: restart it and retry")
         self._close(message)
         for job in jobs:
-            job.future.set_exception(RuntimeError(message))
+            _settle(job.future, error=RuntimeError(message))
         while not self.jobs.empty():
             queued = self.jobs.get()
             queued.timer.started()
-            queued.timer.done(ok=False)
-            queued.future.set_exception(ServerStopping(message))
+            queued.timer.done("error")
+            _settle(queued.future, error=ServerStopping(message))
+
+
+_REASON_LABELS = {Finish.LENGTH: "length", Finish.CANCELLED: "abort"}  # vLLM's finished_reason labels
+
+
+def _settle(future: concurrent.futures.Future, result=None, error: Optional[Exception] = None) -> None:
+    """Set a job's result or error unless its client has cancelled it (then nobody is waiting)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        assert future.cancelled()
 
 
 def _mergeable(job: _Job) -> bool:

@@ -14,7 +14,7 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ft_runner:requests", "Requests by outcome (success, error, rejected).",
+        self.requests = Counter("ft_runner:requests", "Requests by outcome (success, error, rejected, cancelled).",
                                 ["outcome"], registry=r)
         self.finished = Counter("ft_runner:request_success", "Finished requests by finish reason.",
                                 ["finished_reason"], registry=r)
@@ -57,9 +57,10 @@ class RequestTimer:
                 self.metrics.itl.observe(now - self.last)
         self.last = now
 
-    def done(self, ok: bool, prompt_tokens: int = 0, generated: int = 0, reasons=()) -> None:
+    def done(self, outcome: str, prompt_tokens: int = 0, generated: int = 0, reasons=()) -> None:
+        """`outcome`: success, error or cancelled."""
         self.metrics.running.dec(self.rows)
-        self.metrics.requests.labels("success" if ok else "error").inc(self.rows)
+        self.metrics.requests.labels(outcome).inc(self.rows)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(generated)
         for reason in reasons:

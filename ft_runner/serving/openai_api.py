@@ -225,8 +225,8 @@ class _Stream:
             loop.call_soon_threadsafe(self.queue.put_nowait, ("token", tokens.copy(), running.copy()))
             running[:] = reasons == 0
 
-        future = self.server.engine.submit_async(self.batch, on_token)
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(self.queue.put_nowait, ("done", f, None)))
+        self.future = self.server.engine.submit_async(self.batch, on_token)
+        self.future.add_done_callback(lambda f: loop.call_soon_threadsafe(self.queue.put_nowait, ("done", f, None)))
 
     async def _events(self):
         """Yield (row, delta) as text becomes final, then finish reasons; returns when the engine is done."""
@@ -317,7 +317,8 @@ class _Stream:
                 yield f"data: {json.dumps(dict(head, choices=[], usage=self._usage()))}\n\n"
         except RuntimeError as exc:
             yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
-        finally:
+        finally:  # also when the client has gone: Starlette then closes this generator
+            self.future.cancel()
             self.server.in_flight -= 1
         yield "data: [DONE]\n\n"
 

@@ -188,6 +188,7 @@ def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
     from ft_runner.serving.health import OUTPUTS as HEALTH_OUTPUTS
     from ft_runner.serving.health import HealthModel
     from ft_runner.serving.text_model import INPUTS, OUTPUTS, TextModel
+    from ft_runner.serving.triton_patch import CancelListener, ship_stub_patch
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt, trust_remote_code=args.trust_remote_code)
     engine = Engine(generator, channel)
@@ -205,6 +206,8 @@ def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
         signal.signal(sig, lambda *_: (stop.set(), engine.stop_accepting()))
     workspace = Path(tempfile.mkdtemp(prefix="ft_runner_triton_"))
     _start_janitor(workspace)
+    ship_stub_patch()  # per-request errors and cancellation inside Triton's stubs (triton_stub.py)
+    CancelListener(engine, workspace / "cancel.sock")
     # Triton's model-repository, statistics, trace, logging and shared-memory endpoints need this token
     # (header triton-access-token); without FT_RUNNER_ACCESS_TOKEN it is random and known to no one.
     security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)

@@ -10,6 +10,8 @@ outputs, one value per row of the request in every response:
 The prompt followed by the concatenated texts equals the text model's sentence. Clients: PyTriton's
 DecoupledModelClient, tritonclient gRPC `start_stream`, or Triton's HTTP
 `POST /v2/models/<name>/generate_stream` (server-sent events, one per response).
+A client that leaves (gRPC cancel, closed HTTP stream) gets its generation stopped within a few
+steps (triton_stub.py tells the engine).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pytriton.model_config import ModelConfig, Tensor
 from ft_runner.engine.sampler import Finish
 from ft_runner.serving.engine import Engine
 from ft_runner.serving.text_model import INPUTS, text_rows
+from ft_runner.serving.triton_stub import KEY_PARAMETER
 from ft_runner.serving.validation import Limits, RequestError, make_batch
 
 OUTPUTS = [
@@ -76,7 +79,8 @@ class StreamModel:
             raise RequestError(f"beam_width[0] = {rows.beam_width} is not allowed here: streaming sends one "
                                "token per step, so it needs beam_width 1 (use the non-streaming model for beams)")
         events: queue.Queue = queue.Queue()
-        future = self.engine.submit_async(make_batch([rows]), on_token=lambda *event: events.put(event))
+        key = (request.parameters or {}).get(KEY_PARAMETER)  # the stub reports the client leaving under it
+        future = self.engine.submit_async(make_batch([rows]), on_token=lambda *event: events.put(event), key=key)
         future.add_done_callback(lambda _: events.put(None))
         texts = _Detokenizer(self.tokenizer, rows.prompts)
         before = np.zeros(len(rows), dtype=np.int64)  # Finish codes before this step

@@ -6,7 +6,8 @@ inputs:  prompts bytes (1,), request_output_len uint32 (1,), beam_width uint32 (
 outputs: sentences bytes (-1, 1), sequence_length int64 (-1,), cum_log_probs float32 (-1,): one per beam;
          output_log_probs float32 (-1, -1) (beam x new tokens) when a row sets is_return_log_probs.
 Every row keeps its own parameters and output length (the example took the first row's for the
-whole batch). `sentences` hold the prompt followed by the generation, as in the example;
+whole batch). A bad request is answered with its own error, even when Triton batched it with
+good ones (`answer_each`; its text travels in the `error` output, which the client never sees). `sentences` hold the prompt followed by the generation, as in the example;
 `sequence_length` counts tokens (the example counted characters).
 """
 
@@ -17,6 +18,7 @@ from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.beam import with_beam_axis
 from ft_runner.serving.engine import Engine
+from ft_runner.serving.triton_stub import ERROR_OUTPUT
 from ft_runner.serving.validation import (
     Limits,
     RequestError,
@@ -38,14 +40,34 @@ INPUTS = [
     *param_inputs(),
     *[Tensor(name=name, shape=(-1,), dtype=bytes, optional=True) for name in WORD_INPUTS],
 ]
+ERROR = Tensor(name=ERROR_OUTPUT, shape=(1,), dtype=bytes)  # a bad request's message (triton_stub.py)
 OUTPUTS = [
     Tensor(name="sentences", shape=(-1, 1), dtype=bytes),
     Tensor(name="sequence_length", shape=(-1,), dtype=np.int64),
     Tensor(name="cum_log_probs", shape=(-1,), dtype=np.float32),
     Tensor(name="output_log_probs", shape=(-1, -1), dtype=np.float32),
+    ERROR,
 ]
 
-__all__ = ["INPUTS", "OUTPUTS", "RequestError", "TextModel", "text_rows"]
+__all__ = ["ERROR", "INPUTS", "OUTPUTS", "RequestError", "TextModel", "answer_each", "text_rows"]
+
+
+def answer_each(requests, check, run) -> list[dict]:
+    """One response per request: `check(request)` gives its Rows or raises RequestError, which
+    becomes that request's own error; `run(rows, slices)` answers the good ones in one batch."""
+    checked = []
+    for request in requests:
+        try:
+            checked.append(check(request))
+        except RequestError as exc:
+            checked.append(exc)
+    good = [rows for rows in checked if isinstance(rows, Rows)]
+    answers = iter(run(good, request_slices(good)) if good else [])
+    return [next(answers) if isinstance(rows, Rows) else _error(rows) for rows in checked]
+
+
+def _error(exc: RequestError) -> dict:
+    return {ERROR_OUTPUT: np.array([[str(exc).encode("utf-8")]], dtype=object)}
 
 
 def text_rows(request, tokenizer, limits: Limits) -> Rows:
@@ -91,9 +113,11 @@ class TextModel:
 
     def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
-        rows = [text_rows(request, self.tokenizer, self.limits) for request in requests]
+        return answer_each(requests, lambda request: text_rows(request, self.tokenizer, self.limits), self._run)
+
+    def _run(self, rows: list[Rows], slices: list[slice]) -> list[dict]:
         out = with_beam_axis(self.engine.submit(make_batch(rows)))
-        return [self._response(r, out, s) for r, s in zip(rows, request_slices(rows))]
+        return [self._response(r, out, s) for r, s in zip(rows, slices)]
 
     def _response(self, rows: Rows, out, rows_slice: slice) -> dict:
         W = rows.beam_width

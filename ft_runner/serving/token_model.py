@@ -21,7 +21,7 @@ from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.beam import with_beam_axis
 from ft_runner.serving.engine import Engine
-from ft_runner.serving.text_model import pad_last
+from ft_runner.serving.text_model import ERROR, answer_each, pad_last
 from ft_runner.serving.validation import (
     Limits,
     RequestError,
@@ -31,7 +31,6 @@ from ft_runner.serving.validation import (
     make_batch,
     param_inputs,
     per_row,
-    request_slices,
     row_params,
 )
 
@@ -51,6 +50,7 @@ OUTPUTS = [
     Tensor(name="response_input_lengths", shape=(-1,), dtype=np.int32),
     Tensor(name="cum_log_probs", shape=(-1,), dtype=np.float32),
     Tensor(name="output_log_probs", shape=(-1, -1), dtype=np.float32),
+    ERROR,
 ]
 
 
@@ -84,9 +84,11 @@ class TokenModel:
 
     def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
-        rows = [token_rows(request, self.limits) for request in requests]
+        return answer_each(requests, lambda request: token_rows(request, self.limits), self._run)
+
+    def _run(self, rows: list[Rows], slices: list[slice]) -> list[dict]:
         out = with_beam_axis(self.engine.submit(make_batch(rows)))
-        return [self._response(r, out, s) for r, s in zip(rows, request_slices(rows))]
+        return [self._response(r, out, s) for r, s in zip(rows, slices)]
 
     def _response(self, rows: Rows, out, rows_slice: slice) -> dict:
         W, new = rows.beam_width, max(rows.output_lens)
