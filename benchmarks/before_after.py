@@ -113,9 +113,11 @@ async def load(url: str, concurrency: int, requests: int, max_tokens: int) -> di
 def run_engine(name: str, proc: subprocess.Popen, url: str, args) -> list[dict]:
     try:
         wait_healthy(url, proc, args.startup_timeout)
-        asyncio.run(load(url, 1, min(2, args.requests), args.max_tokens))  # warm-up
-        return [dict(engine=name, **asyncio.run(load(url, c, args.requests, args.max_tokens)))
-                for c in args.concurrency]
+        rows = []
+        for c in args.concurrency:
+            asyncio.run(load(url, c, c, args.max_tokens))  # warm-up: one round at this concurrency
+            rows.append(dict(engine=name, **asyncio.run(load(url, c, args.requests, args.max_tokens))))
+        return rows
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -401,10 +401,11 @@ def main(argv=None) -> int:
     copy_gbps = copy_bandwidth(device)
     if runtime.rank == 0:
         log(f"{gpu_name(device)}: device-to-device copy {copy_gbps:.0f} GB/s (read + write); torch {torch.__version__}")
-    rows = []
     try:
         for name in args.models:
-            rows += bench_model(name, args, runtime, copy_gbps)
+            rows = bench_model(name, args, runtime, copy_gbps)
+            if runtime.rank == 0:  # each model's table as soon as it is done: a later one may not finish
+                report(rows, args, device)
     except Exception:
         if runtime.comm.Get_size() == 1:
             raise
@@ -413,8 +414,6 @@ def main(argv=None) -> int:
         traceback.print_exc()
         sys.stderr.flush()
         runtime.comm.Abort(1)  # never leave the other ranks waiting for this one
-    if runtime.rank == 0:
-        report(rows, args, device)
     parallel.shutdown(runtime)
     return 0
 

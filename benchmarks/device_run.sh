@@ -82,10 +82,12 @@ for s in "$@"; do
     step before-after
     shim_numpy
     PYTHONPATH=$PWD:/tmp/npshim python3 benchmarks/random_model.py --shape gptj-6b --out /tmp/gptj-random \
-      > "$OUT/before_after.log" 2>&1
+      > "$OUT/random_model.log" 2>&1
+    grep -E "saved|Error" "$OUT/random_model.log" | tail -3
+    # before_after.py writes the servers' logs to $OUT/before_after.log, its table to stdout
     PYTHONPATH=$PWD:/tmp/npshim python3 benchmarks/before_after.py --model /tmp/gptj-random \
-      --concurrency 1 4 16 --requests 24 --max-tokens 64 --out "$OUT/before_after" >> "$OUT/before_after.log" 2>&1
-    grep -A8 -E "^engine" "$OUT/before_after.log"; grep -E "Error|error" "$OUT/before_after.log" | tail -5
+      --concurrency 1 4 16 --requests 16 --max-tokens 64 --out "$OUT/before_after" > "$OUT/before_after.out" 2>&1
+    grep -A8 -E "^engine" "$OUT/before_after.out"; grep -E "Error|error" "$OUT/before_after.out" | tail -5
     ;;
   tp2-parity)
     step tp2-parity

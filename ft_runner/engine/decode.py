@@ -21,6 +21,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from ft_runner.engine.symm_reduce import SymmetricAllReduce
 from ft_runner.kernels import ops
 
 # FT activation name -> (ops activation, gated)
@@ -132,6 +133,8 @@ class FusedDecoder:
         self.vocab = config.vocab_size
         self.rot_dim = config.rotary_embedding
         self.rope = None  # (cos, sin, rot_dim, interleaved), sized by `prepare`
+        self.symm: SymmetricAllReduce | None = None  # the TP sums of small products, set up by `prepare`
+        self._symm_pending = self.group is not None
 
     def _fuse(self, block) -> FusedLayer:
         attn, mlp = block.attn, block.mlp
@@ -161,11 +164,16 @@ class FusedDecoder:
             layer.fold2 = self._folded(layer.norm2 or layer.norm1, layer.fc1_w)
 
     def prepare(self, max_len: int) -> None:
-        """Size the rotary tables for cache slots [0, max_len)."""
+        """Size the rotary tables for cache slots [0, max_len). The first call also sets up the
+        symmetric-memory all-reduce: a collective, and every TP rank prepares at the same point of
+        `generate`, before any step (and so before any CUDA-graph capture)."""
+        device = self.layers[0].qkv_w.device
+        if self._symm_pending:
+            self._symm_pending = False
+            self.symm = SymmetricAllReduce.create(self.group, device)
         rotary = self.stage.rotary
         if rotary is None or (self.rope is not None and self.rope[0].shape[0] >= max_len):
             return
-        device = self.layers[0].qkv_w.device
         self.rope = (*ops.rope_tables(rotary.inv.to(device), max_len), self.rot_dim, rotary.interleaved)
 
     # --- the step ------------------------------------------------------------------------------
@@ -242,7 +250,14 @@ class FusedDecoder:
                                         self.scale, self.rope, out)
         return attend
 
-    def _reduce(self, y):
+    def _project_reduce(self, x, weight):
+        """x W^T summed over the TP group (a row-parallel output projection). With symmetric memory
+        the product goes straight into the shared buffer in fp32 and one one-shot kernel sums it (the
+        sum comes back in fp32); products too large for the buffer, and gloo, take dist.all_reduce."""
+        partial = self.symm.partial(x.shape[0], weight.shape[0]) if self.symm is not None else None
+        if partial is not None:
+            return self.symm(ops.linear(x, weight, out=partial))
+        y = ops.linear(x, weight)
         if self.group is not None:
             dist.all_reduce(y, group=self.group)
         return y
@@ -256,9 +271,9 @@ class FusedDecoder:
 
     def _sequential(self, layer: FusedLayer, h, x, nxt, attend):
         attn = attend(ops.linear(x, layer.qkv_w, layer.qkv_b))
-        h, x = ops.add_norm(h, self._reduce(ops.linear(attn, layer.out_w)), layer.out_b, *layer.norm2.args())
+        h, x = ops.add_norm(h, self._project_reduce(attn, layer.out_w), layer.out_b, *layer.norm2.args())
         f = ops.linear(x, layer.fc1_w, layer.fc1_b, self.act, self.gated)
-        return self._residual(h, self._reduce(ops.linear(f, layer.fc2_w)), layer.fc2_b, nxt)
+        return self._residual(h, self._project_reduce(f, layer.fc2_w), layer.fc2_b, nxt)
 
     def _parallel(self, layer: FusedLayer, h, x, nxt, attend):
         local, width, buf = self._parallel_buffer(layer, x)
@@ -269,7 +284,7 @@ class FusedDecoder:
             x_mlp = x if layer.norm2 is None else ops.add_norm(h, None, None, *layer.norm2.args())[1]
             ops.linear(x_mlp, layer.fc1_w, layer.fc1_b, self.act, self.gated, out=buf[:, local:local + width])
         attend(buf[:, local + width:], out=buf[:, :local])
-        y = self._reduce(ops.linear(buf[:, :local + width], layer.out_w))
+        y = self._project_reduce(buf[:, :local + width], layer.out_w)
         return self._residual(h, y, layer.out_b, nxt)
 
     def _head(self, x, norm: tuple | None = None):
