@@ -12,7 +12,7 @@ WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
 ACTIVATIONS = ("Gelu", "GeluExact", "Relu", "Silu", "GeGLU", "SiGLU")
 _ACTIVATION_ALIASES = {**{a.lower(): a for a in ACTIVATIONS}, "gated-gelu": "GeGLU", "gated-silu": "SiGLU"}
 NORM_TYPES = ("layernorm", "rmsnorm")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 # config.ini sections FT and its community forks used, and the defaults of keys their own converters
 # left out (FT's GPT-J writes no max_pos_seq_len and implies rotary, parallel residual, no QKV bias).
@@ -65,7 +65,7 @@ class ModelConfig:
     rotary_embedding: int = 0  # rotary dims at the start of each head; 0: no rotary
     neox_rotary_style: bool = True  # rotate halves (NeoX, LLaMA); False: interleaved pairs (GPT-J)
     rope_theta: float = 10000.0
-    rope_scaling: str = ""  # JSON: {"rope_type": "linear" | "dynamic" | "llama3", "factor": ...}
+    rope_scaling: str = ""  # JSON: {"rope_type": "linear" | "dynamic" | "llama3" | "yarn", "factor": ...}
     use_gptj_residual: bool = False  # attention and MLP in parallel off the same residual
     has_post_attention_layernorm: bool = True  # False: GPT-J's MLP reads the input layernorm's output
     has_qkv_bias: bool = True

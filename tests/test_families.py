@@ -25,7 +25,7 @@ from ft_runner.checkpoint.convert import convert
 from ft_runner.checkpoint.load import read_config
 from ft_runner.client import generate
 from ft_runner.config import ConfigError, ModelConfig
-from ft_runner.model.positional import alibi_slopes, inv_freq
+from ft_runner.model.positional import Rotary, alibi_slopes, inv_freq
 
 MODELS = [*tiny_families.CONFIGS, tiny_families.MEGATRON]
 
@@ -245,6 +245,9 @@ def _section(path):
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
     {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 1000000.0},
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0,
+     "beta_fast": 16, "beta_slow": 2, "mscale": 0.707, "mscale_all_dim": 0.707, "truncate": False},
 ])
 def test_rope_frequencies_equal_transformers(rope):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -264,8 +267,9 @@ def test_rope_frequencies_equal_transformers(rope):
             torch.testing.assert_close(inv_freq(config, torch.tensor([seq_len]))[0], want, rtol=1e-6, atol=0)
         assert config.max_pos_seq_len == 4096
     else:
-        want, _ = ROPE_INIT_FUNCTIONS[kind](hf, None)
+        want, scale = ROPE_INIT_FUNCTIONS[kind](hf, None)
         torch.testing.assert_close(inv_freq(config), want, rtol=1e-6, atol=0)
+        assert Rotary(config).scale == pytest.approx(scale, rel=1e-12)
 
 
 def test_alibi_slopes():
@@ -335,6 +339,7 @@ def test_unsupported_rope_scaling_is_refused(tmp_path):
     from ft_runner.checkpoint.families import llama_config
 
     hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 2048})
-    with pytest.raises(ConfigError, match="rope scaling 'yarn' is not supported"):
+        "rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16, "rope_theta": 10000.0,
+        "original_max_position_embeddings": 2048})
+    with pytest.raises(ConfigError, match="rope scaling 'longrope' is not supported"):
         llama_config(hf)

@@ -62,8 +62,11 @@ CONFIGS = {
                                                      rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                       "rope_theta": 10000.0})),
     "mistral": (transformers.MistralConfig, dict(_LLAMA, num_key_value_heads=2, sliding_window=6)),
+    # Qwen2.5's long-context setting: YaRN over a trained context of 32
     "qwen2": (transformers.Qwen2Config, dict(_LLAMA, num_key_value_heads=1, use_sliding_window=True,
-                                             sliding_window=6, max_window_layers=2, tie_word_embeddings=True)),
+                                             sliding_window=6, max_window_layers=2, tie_word_embeddings=True,
+                                             rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                              "original_max_position_embeddings": 32})),
 }
 MEGATRON = "megatron"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -136,6 +137,23 @@ def _ids(hf) -> dict:
     return dict(start_id=bos if bos is not None else end, end_id=end)
 
 
+def _yarn(params: dict, max_pos: int) -> dict:
+    """YaRN's parameters with HF's defaults filled in, and its cos/sin scale (`attention_factor`) resolved."""
+    context = params.get("original_max_position_embeddings") or max_pos
+    factor = float(params.get("factor") or max_pos / context)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": context,
+            "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
+            "truncate": bool(params.get("truncate", True)), "attention_factor": float(attention)}
+
+
 def _rope(hf, head_dim: int, max_pos: int) -> dict:
     """FT keys for RoPE: rotary dims, theta, and the scaling as JSON (transformers 4 and 5 spellings)."""
     params = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
@@ -146,6 +164,10 @@ def _rope(hf, head_dim: int, max_pos: int) -> dict:
     keys = dict(rotary_embedding=int(head_dim * partial), rope_theta=float(theta), max_pos_seq_len=max_pos)
     if kind == "default":
         return keys
+    if kind not in ("linear", "dynamic", "llama3", "yarn"):
+        raise ConfigError(f"rope scaling {kind!r} is not supported; supported: linear, dynamic, llama3, yarn")
+    if kind == "yarn":
+        return dict(keys, rope_scaling=json.dumps(_yarn(params, max_pos), sort_keys=True))
     scaling = {"rope_type": kind, "factor": float(params["factor"])}
     if kind == "dynamic":  # extends the context: serve up to factor x the trained length
         scaling["original_max_position_embeddings"] = max_pos
@@ -153,8 +175,6 @@ def _rope(hf, head_dim: int, max_pos: int) -> dict:
     elif kind == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             scaling[key] = params[key]
-    elif kind != "linear":
-        raise ConfigError(f"rope scaling {kind!r} is not supported; supported: linear, dynamic, llama3")
     keys["rope_scaling"] = json.dumps(scaling, sort_keys=True)
     return keys
 

@@ -174,7 +174,8 @@ class FusedDecoder:
         rotary = self.stage.rotary
         if rotary is None or (self.rope is not None and self.rope[0].shape[0] >= max_len):
             return
-        self.rope = (*ops.rope_tables(rotary.inv.to(device), max_len), self.rot_dim, rotary.interleaved)
+        cos, sin = ops.rope_tables(rotary.inv.to(device), max_len)
+        self.rope = (cos * rotary.scale, sin * rotary.scale, self.rot_dim, rotary.interleaved)
 
     # --- the step ------------------------------------------------------------------------------
 

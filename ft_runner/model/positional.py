@@ -25,6 +25,8 @@ def inv_freq(config: ModelConfig, seq_len: torch.Tensor | None = None) -> torch.
         inv = inv / params["factor"]
     elif config.rope_type == "llama3":
         inv = _llama3(inv, params)
+    elif config.rope_type == "yarn":
+        inv = _yarn(inv, dim, config.rope_theta, params)
     return inv
 
 
@@ -40,6 +42,23 @@ def _llama3(inv: torch.Tensor, params: dict) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
+def _yarn(inv: torch.Tensor, dim: int, theta: float, params: dict) -> torch.Tensor:
+    """YaRN (Peng et al. 2023), as HF computes it: frequencies that turn fewer than beta_slow times over
+    the trained context are divided by `factor`, those turning more than beta_fast times are kept, and
+    a linear ramp over the dims blends the two in between."""
+    context = params["original_max_position_embeddings"]
+
+    def dim_turning(turns: float) -> float:  # the (fractional) dim whose wavelength fits `turns` turns in the context
+        return dim * math.log(context / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_turning(params["beta_fast"]), dim_turning(params["beta_slow"])
+    if params["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (max(high, low + 0.001) - low), 0, 1)
+    return inv / params["factor"] * ramp + inv * (1 - ramp)
+
+
 class Rotary:
     """cos/sin tables for one forward pass; applied to the first `rotary_embedding` dims of each head."""
 
@@ -48,6 +67,7 @@ class Rotary:
         self.interleaved = not config.neox_rotary_style  # GPT-J rotates pairs (0,1), (2,3), ...
         self.dynamic = config.rope_type == "dynamic"
         self.inv = None if self.dynamic else inv_freq(config)
+        self.scale = float(config.rope_params.get("attention_factor", 1.0))  # YaRN scales cos and sin
 
     def tables(self, positions: torch.Tensor, seq_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, S), seq_len (B,) -> cos, sin (B, 1, S, dims) in fp32."""
@@ -57,7 +77,7 @@ class Rotary:
             emb = freqs.repeat_interleave(2, dim=-1)
         else:
             emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos()[:, None], emb.sin()[:, None]
+        return emb.cos()[:, None] * self.scale, emb.sin()[:, None] * self.scale
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
