@@ -23,6 +23,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 OMP_NUM_THREADS=8
+# benchmarks/.commit (git-ignored: `git rev-parse --short HEAD > benchmarks/.commit`, pass it in `carry`) names the commit
 export FT_RUNNER_COMMIT=${FT_RUNNER_COMMIT:-$(cat benchmarks/.commit 2>/dev/null || echo unknown)}
 MPI="mpirun --allow-run-as-root --bind-to none -x PYTHONPATH -x PYTHONUNBUFFERED -x FT_RUNNER_COMMIT -x HF_HUB_OFFLINE"
 BENCH="python3 benchmarks/bench_generate.py --results $OUT/results"
