@@ -50,6 +50,7 @@ class ModelConfig:
     max_pos_seq_len: int
     start_id: int
     end_id: int
+    extra_end_ids: str = ""  # comma-separated: the model's other end tokens (Llama 3's <|eot_id|>, ...)
     weight_data_type: str = "fp32"
     tensor_para_size: int = 1
     model_name: str = "gpt"
@@ -118,6 +119,14 @@ class ModelConfig:
             return json.loads(self.rope_scaling) if self.rope_scaling else {}
         except json.JSONDecodeError:
             raise ConfigError(f"config.ini: rope_scaling {self.rope_scaling!r} is not JSON") from None
+
+    @property
+    def other_end_ids(self) -> tuple[int, ...]:
+        """End tokens besides end_id: each ends a row as end_id does, for rows that keep the model's end_id."""
+        try:
+            return tuple(int(i) for i in self.extra_end_ids.split(",") if i.strip())
+        except ValueError:
+            raise ConfigError(f"config.ini: extra_end_ids {self.extra_end_ids!r} is not a list of token ids") from None
 
     @property
     def rope_type(self) -> str:

@@ -5,7 +5,9 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 import transformers
+from helpers import hf_greedy, make_tiny_gpt2
 
 from ft_runner import parallel
 from ft_runner.checkpoint.convert import convert
@@ -92,3 +94,27 @@ def test_a_cancelled_job_stops_within_a_few_steps_and_its_batch_mates_finish(gen
     counts = {s.labels["outcome"]: s.value for m in engine.metrics.requests.collect() for s in m.samples
               if s.name.endswith("_total")}
     assert counts == {"cancelled": 2.0, "success": 1.0}
+
+
+def test_each_of_the_models_end_tokens_ends_a_row_as_in_transformers(generator, tmp_path):
+    """Llama 3 Instruct lists several end tokens (eos_token_id [128001, 128008, 128009]): any of them ends a
+    row, as in HF's generate; a row that sets its own end_id (here -1: never end) is not affected."""
+    _, runtime = generator
+    prompt, free = [5, 6, 7], None
+    for seed in range(20):  # a model whose free continuation has a new token at step 5
+        plain = make_tiny_gpt2(tmp_path / f"plain{seed}", seed=seed)
+        free = hf_greedy(plain, prompt, 12)[len(prompt):]
+        if len(free) == 12 and free[4] not in free[:4] and 0 not in free:
+            break
+    other = free[4]
+    model_dir = make_tiny_gpt2(tmp_path / "ends", seed=seed, eos_token_id=[0, other])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0].tolist()
+    assert want == prompt + free[:5], "HF stops at the second end token"
+
+    ckpt = convert(model_dir, tmp_path / "ft", 1)
+    gen = Generator(load_stage(ckpt, runtime.grid, None, "fp32", runtime.device), runtime)
+    out = gen.generate(Batch.make([prompt, prompt], 12, end_id=[0, -1]))
+    assert out.sequence_lengths.tolist() == [len(want), len(prompt) + 12]
+    assert out.output_ids[0, :len(want)].tolist() == want and out.output_ids[1, 3:].tolist() == free
+    assert out.finish_reason.tolist() == [Finish.END_ID, Finish.LENGTH]

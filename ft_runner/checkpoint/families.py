@@ -134,7 +134,8 @@ def _ids(hf) -> dict:
 
     bos, eos = first(hf.bos_token_id), first(hf.eos_token_id)
     end = eos if eos is not None else 0
-    return dict(start_id=bos if bos is not None else end, end_id=end)
+    others = [i for i in dict.fromkeys(hf.eos_token_id) if i != end] if isinstance(hf.eos_token_id, (list, tuple)) else []
+    return dict(start_id=bos if bos is not None else end, end_id=end, extra_end_ids=",".join(map(str, others)))
 
 
 def _yarn(params: dict, max_pos: int) -> dict:

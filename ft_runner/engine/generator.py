@@ -106,6 +106,7 @@ class Generator:
         self.device = runtime.device
         self.dtype = next(model.parameters()).dtype
         self.vocab = model.config.vocab_size
+        self._ends = dict(other_ends=model.config.other_end_ids, model_end=model.config.end_id)
         reason = decode.unsupported_reason(model)
         if reason or os.environ.get("FT_RUNNER_DECODER") == "module":
             self.decoder = decode.ModuleDecoder(self)
@@ -226,15 +227,16 @@ class Generator:
         hold their addresses), padded to the batch ladder."""
         if self.graphs is None:
             self.decoder.prepare(need)
-            return StepState.allocate(B, max(max_new, 1), need - 1, self.device), self._cache(B, need)
+            state = StepState.allocate(B, max(max_new, 1), need - 1, self.device, **self._ends)
+            return state, self._cache(B, need)
         rows = padded_batch(B) if mode != "eager" else B
         if self._kv is None or self._kv.batch < rows or self._kv.max_len < need:
             self._grow(rows, need)
         T = self._kv.max_len
         if mode == "eager":  # not captured: a fresh state of exactly B rows, as DecodeState has
-            return StepState.allocate(B, T, T - 1, self.device), self._kv
+            return StepState.allocate(B, T, T - 1, self.device, **self._ends), self._kv
         if rows not in self._states:
-            self._states[rows] = StepState.allocate(rows, T, T - 1, self.device)
+            self._states[rows] = StepState.allocate(rows, T, T - 1, self.device, **self._ends)
         return self._states[rows], self._kv
 
     def _grow(self, rows: int, need: int) -> None:
@@ -253,6 +255,7 @@ class Generator:
         """This step's token for every row, from the last stage's logits, recorded on every rank."""
         if mode == "greedy" and self.grid.pp == 1:  # every rank holds the gathered logits: no broadcast
             ops.greedy_step(logits, self.vocab, state)
+            state.end_on_other_ends()
             return
         if logits is not None:
             full = decode.full_logits(logits, self.vocab)

@@ -35,9 +35,11 @@ class StepState:
     history: torch.Tensor  # int64 (max_new, 2, R): per step, the tokens and the Finish codes after it
     logprobs: torch.Tensor  # float32 (max_new, R)
     max_pos: int  # the last cache slot
+    other_ends: torch.Tensor | None = None  # int64 (E,): the model's other end tokens (ModelConfig.other_end_ids)
+    model_end: int = -1  # the model's end_id: other end tokens end only the rows that keep it
 
     @classmethod
-    def allocate(cls, rows: int, max_new: int, max_pos: int, device) -> StepState:
+    def allocate(cls, rows: int, max_new: int, max_pos: int, device, other_ends=(), model_end: int = -1) -> StepState:
         def z(*shape, dtype=torch.int64):
             return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -47,7 +49,9 @@ class StepState:
                                 min_length=z(rows), seed=z(rows))
         return cls(lengths=z(rows), out_lens=z(rows), end_id=z(rows), params=params, next_tokens=z(rows),
                    positions=z(rows), reasons=z(rows), produced=z(rows), step=z(), history=z(max_new, 2, rows),
-                   logprobs=z(max_new, rows, dtype=f32), max_pos=max_pos)
+                   logprobs=z(max_new, rows, dtype=f32), max_pos=max_pos,
+                   other_ends=torch.tensor(other_ends, dtype=torch.int64, device=device) if other_ends else None,
+                   model_end=model_end)
 
     @property
     def rows(self) -> int:
@@ -97,10 +101,11 @@ class StepState:
         """
         finished = self.reasons != Finish.RUNNING
         tokens = torch.where(finished, self.end_id, tokens)
+        ends = self._as_end_id(tokens)
         if decode_state is not None:
-            codes = decode_state.finish(tokens, self.step, self.out_lens, self.end_id)
+            codes = decode_state.finish(ends, self.step, self.out_lens, self.end_id)
         else:
-            codes = finish_codes(tokens, torch.zeros_like(finished), self.step + 1 >= self.out_lens, self.end_id)
+            codes = finish_codes(ends, torch.zeros_like(finished), self.step + 1 >= self.out_lens, self.end_id)
         self.produced += (~finished).to(self.produced.dtype)
         self.reasons.copy_(torch.where(finished, self.reasons, codes))
         self.history.index_copy_(0, self.step.view(1), torch.stack([tokens, self.reasons])[None])
@@ -108,6 +113,24 @@ class StepState:
         self.next_tokens.copy_(tokens)
         torch.clamp(self.lengths + self.step, max=self.max_pos, out=self.positions)
         self.step += 1
+
+    def _as_end_id(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`tokens` with the model's other end tokens read as end_id, in the rows that keep the model's end_id."""
+        if self.other_ends is None:
+            return tokens
+        other = (tokens[:, None] == self.other_ends[None, :]).any(-1) & (self.end_id == self.model_end)
+        return torch.where(other, self.end_id, tokens)
+
+    def end_on_other_ends(self) -> None:
+        """After a fused kernel recorded this step (it knows end_id only): rows whose new token is another end
+        token finish as END_ID. Rows finished before emit end_id itself, so they never match."""
+        if self.other_ends is None:
+            return
+        last = (self.step - 1).view(1)
+        tokens = self.history[:, 0].index_select(0, last)[0]
+        ended = self._as_end_id(tokens) != tokens
+        self.reasons.copy_(torch.where(ended, int(Finish.END_ID), self.reasons))
+        self.history[:, 1].index_copy_(0, last, self.reasons[None])
 
     def snapshot(self) -> dict:
         return {f.name: getattr(self, f.name).clone() for f in dataclasses.fields(self)

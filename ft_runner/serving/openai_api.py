@@ -222,7 +222,7 @@ class _Stream:
         running = np.ones(self.batch.size, dtype=bool)
 
         def on_token(step, tokens, reasons):  # a row's token counts if the row was running before it
-            loop.call_soon_threadsafe(self.queue.put_nowait, ("token", tokens.copy(), running.copy()))
+            loop.call_soon_threadsafe(self.queue.put_nowait, ("token", (tokens.copy(), reasons.copy()), running.copy()))
             running[:] = reasons == 0
 
         self.future = self.server.engine.submit_async(self.batch, on_token)
@@ -240,10 +240,11 @@ class _Stream:
                     self.sent[row] = len(self.texts[row])
                     yield row, delta, self.finish[row]
                 return
-            for row, token in enumerate(payload):
+            tokens, reasons = payload
+            for row, token in enumerate(tokens):
                 if not counts[row] or self.finish[row] is not None:
                     continue
-                if token == self.batch.end_id[row]:
+                if reasons[row] == Finish.END_ID:  # end_id, or another of the model's end tokens
                     self.finish[row] = "stop"
                     continue
                 self.tokens[row].append(int(token))
