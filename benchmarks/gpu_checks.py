@@ -4,8 +4,8 @@
     python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp32,fp16
 
 Rank 0 first runs ft_runner/kernels/selfcheck.py on its GPU. Then, for each random model (tiny
-GPT-2 / GPT-J / GPT-NeoX / LLaMA with large weights, so greedy steps are not near-ties, and a
-gpt2-medium shape with HF's own init) and each dtype, every rank loads its shard through
+GPT-2 (also with a second end token) / GPT-J / GPT-NeoX / LLaMA (llama3 and YaRN RoPE) / Qwen2 with large weights,
+so greedy steps are not near-ties, and a gpt2-medium shape with HF's own init) and each dtype, every rank loads its shard through
 convert -> load_stage and generates 32 greedy tokens for 4 prompts (batched, then each alone,
 then batched without CUDA graphs); rank 0 compares with HF transformers on its GPU:
 - prompt logits against HF fp32 (max abs diff; relative ||ours - hf|| / ||hf||);
@@ -46,13 +46,26 @@ def make_models(root: Path) -> list[Path]:
     from helpers import TOKENIZER_DIR, make_tiny_gpt2
     from tiny_families import make
 
-    models = [make_tiny_gpt2(root / "tiny-gpt2")]
-    models += [make(name, root) for name in ("gptj", "gpt_neox", "llama")]
+    models = [make_tiny_gpt2(root / "tiny-gpt2"), _with_two_end_tokens(root / "tiny-gpt2", root / "tiny-gpt2-ends")]
+    # llama_tied_bias and qwen2: YaRN (the fused decoder, and the module one for qwen2's sliding window)
+    models += [make(name, root) for name in ("gptj", "gpt_neox", "llama", "llama_tied_bias", "qwen2")]
     medium = root / "gpt2-medium-random"
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(hf_config("gpt2-medium")).save_pretrained(medium)
     transformers.AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(medium)
     return models + [medium]
+
+
+def _with_two_end_tokens(plain: Path, path: Path) -> Path:
+    """The tiny GPT-2 again, with a second end token: the one its greedy continuation of the first prompt
+    reaches at step 6 (as Llama 3 Instruct lists <|eot_id|> beside <|end_of_text|>)."""
+    import transformers
+    from helpers import hf_greedy, make_tiny_gpt2
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(plain)
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    new = hf_greedy(plain, ids, 8)[len(ids):]
+    return make_tiny_gpt2(path, eos_token_id=[tokenizer.eos_token_id, new[5]])
 
 
 def hf_reference(model_dir: Path, prompts, dtype, device, ours) -> dict:
@@ -62,6 +75,7 @@ def hf_reference(model_dir: Path, prompts, dtype, device, ours) -> dict:
     ref = {"logits": [], "scores": [], "greedy": [], "own_rel": 0.0}
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     eos = hf.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos  # the padding of generate's output
     with torch.no_grad():
         for row, ids in enumerate(prompts):
             ref["logits"].append(hf(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy())
@@ -137,8 +151,9 @@ def check_model(model_dir: Path, dtype: str, args, runtime) -> bool:
     agree = min(prefix(o[len(p):], h[len(p):]) for o, h, p in zip(ours, ref["greedy"], prompts, strict=True))
     wanted = min(len(h) - len(p) for h, p in zip(ref["greedy"], prompts, strict=True))
     consistent = ours == solo == no_graph
-    if dtype == "fp32":
-        ok = consistent and agree >= wanted and abs_diff <= 1e-3 and score_rel <= 1e-4
+    if dtype == "fp32":  # the same tokens, and the same stops (every end token the model lists)
+        lengths = [len(o) for o in ours] == [len(h) for h in ref["greedy"]]
+        ok = consistent and agree >= wanted and lengths and abs_diff <= 1e-3 and score_rel <= 1e-4
     else:  # fp16 / bf16: within 1e-2, or within twice HF's own error in this dtype where that is larger
         limit = max(1e-2, 2 * ref["own_rel"])
         ok = consistent and score_rel <= limit and logit_rel <= limit

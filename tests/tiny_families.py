@@ -55,8 +55,9 @@ CONFIGS = {
                                                               "original_max_position_embeddings": 32})),
     "llama_tied_bias": (transformers.LlamaConfig, dict(_LLAMA, num_key_value_heads=2, tie_word_embeddings=True,
                                                        attention_bias=True, mlp_bias=True,
-                                                       rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                                        "rope_theta": 500000.0})),
+                                                       rope_parameters={"rope_type": "yarn", "factor": 2.0,
+                                                                        "rope_theta": 500000.0, "beta_fast": 16,
+                                                                        "original_max_position_embeddings": 16})),
     # dynamic NTK from position 16 on; 4 heads of 16 dims over a 48-wide residual
     "llama_dynamic": (transformers.LlamaConfig, dict(_LLAMA, head_dim=16, max_position_embeddings=16,
                                                      rope_parameters={"rope_type": "dynamic", "factor": 2.0,
