@@ -197,3 +197,14 @@ def _model_ready(port: int) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_demo_serves_the_embedded_model_and_exits_0():
+    """README's first command, run in the venv the tests use (installed already, so pip finds nothing to do):
+    it serves the embedded model on 2 ranks, prints the client's answer and exits 0."""
+    if not all(port_free(port) for port in (8000, 8001, 8002)):
+        pytest.skip("the demo serves on ports 8000-8002, which are taken here")
+    out = _run("bash", str(INSTALL), "--demo", "--torch", "skip", env=mpi_env(VENV=str(VENV_BIN.parent)), timeout=400)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "prompt: Thank you for" in out.stdout and "sentences: ['Thank you for" in out.stdout, out.stdout[-3000:]
