@@ -18,6 +18,7 @@ padding), sequence_lengths int32 [B, beam], cum_log_probs float32 [B, beam].
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 from typing import Optional
 
@@ -61,6 +62,9 @@ class ParallelGPT(torch.nn.Module):
         self.tensor_para_size, self.pipeline_para_size = tensor_para_size, pipeline_para_size
         self.inference_data_type = inference_data_type
         self.runtime = parallel.init_runtime(tensor_para_size, pipeline_para_size, device)
+        # FT scripts just end: close torch.distributed before the interpreter does, so no collective's
+        # background thread outlives it
+        atexit.register(parallel.shutdown, self.runtime)
         grid = self.runtime.grid
         self.rank, self.world_size = grid.rank, grid.world
         self.tp_rank, self.pp_rank = grid.tp_rank, grid.pp_rank

@@ -89,6 +89,7 @@ def main():
     args = p.parse_args()
     runtime = parallel.init_runtime(args.tp, args.pp, "cpu")
     results = [check(model_dir, args, runtime) for model_dir in args.model]
+    parallel.shutdown(runtime)
     return 0 if all(results) else 1
 
 

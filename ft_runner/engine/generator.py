@@ -126,8 +126,10 @@ class Generator:
     def generate(self, batch: Batch, on_token=None, cancelled=None) -> Output:
         """Run the batch to completion. `on_token(step, tokens, reasons)` sees each step's tokens and
         every row's Finish code after it (numpy, (B,)); a row's token counts while its code was 0.
-        `cancelled()`, given on rank 0 only, returns a (B,) bool mask of rows nobody waits for any
-        more: every CANCEL_EVERY steps rank 0 shares it and those rows finish as Finish.CANCELLED.
+        `cancelled` makes rows cancellable (the serving engine): on rank 0, a callable returning a
+        (B,) bool mask of rows nobody waits for any more; on every other rank, True. Every
+        CANCEL_EVERY steps rank 0 shares the mask and those rows finish as Finish.CANCELLED. None on
+        every rank (benchmarks, ParallelGPT): no checks and no extra collective.
         Rows with beam_width > 1 go to beam search (one output per beam, no on_token)."""
         if (batch.beam_width > 1).any():
             from ft_runner.engine import beam  # beam.py builds on this module
@@ -151,7 +153,7 @@ class Generator:
         for index in range(1, max_new):
             if stream.done:
                 break
-            if index % CANCEL_EVERY == 0:
+            if cancelled is not None and index % CANCEL_EVERY == 0:
                 self._cancel_rows(state, B, cancelled)
             if self.graphs is not None and mode != "eager":
                 self._run_graph((state.rows, mode), step, state)
@@ -166,7 +168,7 @@ class Generator:
     def _cancel_rows(self, state: StepState, B: int, cancelled) -> None:
         """Finish the rows rank 0 calls cancelled; with several ranks every rank takes part."""
         world = dist.get_world_size() if dist.is_initialized() else 1
-        mask = cancelled() if cancelled is not None else None
+        mask = cancelled() if callable(cancelled) else None
         gone = mask is not None and bool(mask.any())
         if world == 1 and not gone:
             return

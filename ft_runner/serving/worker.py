@@ -16,5 +16,5 @@ def run_worker(generator: Generator, channel: Channel) -> None:
         if command == Command.STOP:
             return
         faults.before_worker_batch(done)
-        generator.generate(batch)
+        generator.generate(batch, cancelled=True)  # rank 0 may stop rows whose clients left
         done += 1
