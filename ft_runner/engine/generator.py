@@ -167,7 +167,7 @@ class Generator:
 
     def _cancel_rows(self, state: StepState, B: int, cancelled) -> None:
         """Finish the rows rank 0 calls cancelled; with several ranks every rank takes part."""
-        world = dist.get_world_size() if dist.is_initialized() else 1
+        world = self.grid.world
         mask = cancelled() if callable(cancelled) else None
         gone = mask is not None and bool(mask.any())
         if world == 1 and not gone:
@@ -257,7 +257,6 @@ class Generator:
         """This step's token for every row, from the last stage's logits, recorded on every rank."""
         if mode == "greedy" and self.grid.pp == 1:  # every rank holds the gathered logits: no broadcast
             ops.greedy_step(logits, self.vocab, state)
-            state.end_on_other_ends()
             return
         if logits is not None:
             full = decode.full_logits(logits, self.vocab)

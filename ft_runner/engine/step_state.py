@@ -122,8 +122,8 @@ class StepState:
         return torch.where(other, self.end_id, tokens)
 
     def end_on_other_ends(self) -> None:
-        """After a fused kernel recorded this step (it knows end_id only): rows whose new token is another end
-        token finish as END_ID. Rows finished before emit end_id itself, so they never match."""
+        """After the fused greedy kernel recorded this step (`record` does this itself): rows whose new token
+        is another end token finish as END_ID. Rows finished before emit end_id itself, so they never match."""
         if self.other_ends is None:
             return
         last = (self.step - 1).view(1)

@@ -153,6 +153,7 @@ def greedy_step(logits, vocab: int, state) -> None:
     if use_triton(logits):
         _triton().greedy_step(logits, vocab, state)
         state.step += 1
+        state.end_on_other_ends()  # the kernel knows each row's end_id only
         return
     full = logits if logits.dim() == 2 else logits.permute(1, 0, 2).reshape(logits.shape[1], -1)
     scaled = full[:, :vocab].float() / state.temperature[:, None]
