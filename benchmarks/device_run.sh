@@ -6,6 +6,9 @@
 #   micro       GEMV/attention/sampling micro-benchmarks (benchmarks/microbench.py)
 #   parity1     parity with HF, TP=1, fp16 (benchmarks/gpu_checks.py)
 #   dev         ft_runner-only bench of gpt2-medium and GPT-J (bs 1/32/64) with per-kernel profiles
+#   dev-small   as dev, gpt2-medium only
+#   dev-gptj    ft_runner-only bench of GPT-J (bs 1/32/64)
+#   checks1     parity with HF, TP=1, fp32 and fp16 (benchmarks/gpu_checks.py)
 #   bench-small the BENCHMARKS.md rows for gpt2 and gpt2-medium (all engines)
 #   bench-large the BENCHMARKS.md rows for GPT-J-6B (all engines)
 #   bench-llama the BENCHMARKS.md rows for Llama-3-8B
@@ -57,6 +60,21 @@ for s in "$@"; do
     step dev
     $BENCH --models gpt2-medium,gptj-6b --batch 1,32,64 --engines ft_runner --profile > "$OUT/bench_dev.log" 2>&1
     grep -E "PROFILE|^model|^---|ft_runner |Error|error" "$OUT/bench_dev.log" | tail -80
+    ;;
+  dev-small)
+    step dev-small
+    $BENCH --models gpt2-medium --batch 1,32,64 --engines ft_runner --profile > "$OUT/bench_dev_small.log" 2>&1
+    grep -E "PROFILE|ft_runner |Error|error" "$OUT/bench_dev_small.log" | tail -60
+    ;;
+  dev-gptj)
+    step dev-gptj
+    $BENCH --models gptj-6b --batch 1,32,64 --engines ft_runner > "$OUT/bench_dev_gptj.log" 2>&1
+    grep -E "ft_runner |Error|error" "$OUT/bench_dev_gptj.log" | tail -6
+    ;;
+  checks1)
+    step checks1
+    python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp32,fp16 --skip-kernels > "$OUT/gpu_checks_tp1.log" 2>&1
+    grep -E "GPUCHECK|Error" "$OUT/gpu_checks_tp1.log" | tail -20
     ;;
   bench-small)
     step bench-small

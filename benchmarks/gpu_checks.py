@@ -9,10 +9,11 @@ so greedy steps are not near-ties, and a gpt2-medium shape with HF's own init) a
 convert -> load_stage and generates 32 greedy tokens for 4 prompts (batched, then each alone,
 then batched without CUDA graphs); rank 0 compares with HF transformers on its GPU:
 - prompt logits against HF fp32 (max abs diff; relative ||ours - hf|| / ||hf||);
-- the log-probs of our generated tokens against HF fp32 scoring the same sequences (this checks
-  the fused decode step itself, whatever the tokens);
+- the log-probs of our generated tokens (batched, and each row alone) against HF fp32 scoring the
+  same sequences (this checks the fused decode step itself, whatever the tokens);
 - greedy tokens against HF's own greedy generate in the same dtype (matching prefix length),
-  batched == alone == without graphs.
+  batched == without graphs, and in fp32 == each row alone (in fp16 the prefix where a row alone
+  agrees with the batch is reported: other kernels, so a near-tie may flip).
 Pass: fp32: tokens equal and logits within 1e-3; fp16: relative errors of logits and decode
 log-probs <= 1e-2 (or <= twice HF's own fp16-vs-fp32 error where that is larger: the tiny models'
 large weights amplify rounding); the greedy prefix is reported (fp16 noise can flip a near-tie).
@@ -68,21 +69,27 @@ def _with_two_end_tokens(plain: Path, path: Path) -> Path:
     return make_tiny_gpt2(path, eos_token_id=[tokenizer.eos_token_id, new[5]])
 
 
-def hf_reference(model_dir: Path, prompts, dtype, device, ours) -> dict:
-    """HF fp32: prompt logits and scores of our sequences; HF in `dtype`: its own greedy tokens."""
+def hf_reference(model_dir: Path, prompts, dtype, device, ours, alone) -> dict:
+    """HF fp32: prompt logits and scores of our sequences (batched, and each row alone); HF in
+    `dtype`: its own greedy tokens."""
     import transformers
 
-    ref = {"logits": [], "scores": [], "greedy": [], "own_rel": 0.0}
+    ref = {"logits": [], "scores": [], "alone_scores": [], "greedy": [], "own_rel": 0.0}
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     eos = hf.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos  # the padding of generate's output
+
+    def score(model, out, row, prompt_len):
+        seq = out.output_ids[row, : out.sequence_lengths[row]]
+        logp = torch.log_softmax(model(torch.tensor([seq], device=device)).logits[0].float(), -1)
+        new = torch.tensor(seq[prompt_len:], device=device)
+        return logp[prompt_len - 1: len(seq) - 1].gather(1, new[:, None])[:, 0].cpu().numpy()
+
     with torch.no_grad():
         for row, ids in enumerate(prompts):
             ref["logits"].append(hf(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy())
-            seq = ours.output_ids[row, : ours.sequence_lengths[row]]
-            logp = torch.log_softmax(hf(torch.tensor([seq], device=device)).logits[0].float(), -1)
-            new = torch.tensor(seq[len(ids):], device=device)
-            ref["scores"].append(logp[len(ids) - 1: len(seq) - 1].gather(1, new[:, None])[:, 0].cpu().numpy())
+            ref["scores"].append(score(hf, ours, row, len(ids)))
+            ref["alone_scores"].append(score(hf, alone[row], 0, len(ids)))
         hf = hf.to(dtype)
         for row, ids in enumerate(prompts):  # HF's own error in this dtype: the floor for ours
             own = hf(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy()
@@ -140,7 +147,7 @@ def check_model(model_dir: Path, dtype: str, args, runtime) -> bool:
         torch.cuda.empty_cache()
     if runtime.rank != 0:
         return True
-    ref = hf_reference(model_dir, prompts, TORCH_DTYPES[dtype], device, out)
+    ref = hf_reference(model_dir, prompts, TORCH_DTYPES[dtype], device, out, alone)
     ours = [out.output_ids[r, : out.sequence_lengths[r]].tolist() for r in range(len(prompts))]
     solo = [a.output_ids[0, : a.sequence_lengths[0]].tolist() for a in alone]
     no_graph = [eager.output_ids[r, : eager.sequence_lengths[r]].tolist() for r in range(len(prompts))]
@@ -148,9 +155,16 @@ def check_model(model_dir: Path, dtype: str, args, runtime) -> bool:
     logit_rel = max(rel(logits[r, : len(p)], ref["logits"][r]) for r, p in enumerate(prompts))
     score_rel = max(rel(out.output_log_probs[r, : len(ref["scores"][r])], ref["scores"][r])
                     for r in range(len(prompts)))
+    score_rel = max(score_rel, *(rel(a.output_log_probs[0, : len(sc)], sc) for a, sc in zip(alone, ref["alone_scores"],
+                                                                                            strict=True)))
     agree = min(prefix(o[len(p):], h[len(p):]) for o, h, p in zip(ours, ref["greedy"], prompts, strict=True))
     wanted = min(len(h) - len(p) for h, p in zip(ref["greedy"], prompts, strict=True))
-    consistent = ours == solo == no_graph
+    # With and without graphs the kernels are the same: the tokens must be too. A row alone runs other
+    # kernels than the batch (GEMV and folded norms at batch 1, cuBLAS above), so in fp16/bf16 a near
+    # tie may flip; there each row alone is held to the batch's bar instead: HF fp32's log-probs of
+    # the tokens it chose (in score_rel).
+    alone_agree = min(prefix(o[len(p):], s[len(p):]) for o, s, p in zip(ours, solo, prompts, strict=True))
+    consistent = ours == no_graph and (ours == solo or dtype != "fp32")
     if dtype == "fp32":  # the same tokens, and the same stops (every end token the model lists)
         lengths = [len(o) for o in ours] == [len(h) for h in ref["greedy"]]
         ok = consistent and agree >= wanted and lengths and abs_diff <= 1e-3 and score_rel <= 1e-4
@@ -160,7 +174,8 @@ def check_model(model_dir: Path, dtype: str, args, runtime) -> bool:
     print(f"GPUCHECK {'ok  ' if ok else 'FAIL'} model={model_dir.name} dtype={dtype} tp={args.tp} decoder={decoder} "
           f"logits_max_abs={abs_diff:.2e} logits_rel={logit_rel:.2e} (hf_{dtype}_rel={ref['own_rel']:.2e}) "
           f"decode_logprob_rel={score_rel:.2e} "
-          f"greedy_prefix_vs_hf={agree}/{wanted} batched==alone==no_graphs={consistent}", flush=True)
+          f"greedy_prefix_vs_hf={agree}/{wanted} consistent={consistent} (alone_prefix={alone_agree})",
+          flush=True)
     if not consistent:
         for r in range(len(prompts)):
             if not ours[r] == solo[r] == no_graph[r]:

@@ -97,7 +97,6 @@ def bench_gemv(sweep: bool) -> None:
                   flush=True)
 
 
-
 def bench_attention_sweep() -> None:
     """decode_attention over FT_RUNNER_ATTN="block_t,min_programs,warps" settings."""
     dev, f16 = "cuda", torch.float16

@@ -124,12 +124,13 @@ class FusedDecoder:
         self.scale = first.head_dim ** -0.5
         self.layers = [self._fuse(block) for block in stage.layers]
         self.final_norm = Norm.of(stage.ln_f) if stage.ln_f is not None else None
+        self.head_w, self.head_b = self._pad_head(stage.lm_head)
         self.head_fold = None
         if self.group is None and self.layers[0].qkv_w.is_cuda:  # the single-row path folds its norms
             for layer in self.layers:
                 self._fold(layer)
-            if self.final_norm is not None and stage.lm_head is not None:
-                self.head_fold = self._folded(self.final_norm, stage.lm_head.weight)
+            if self.final_norm is not None and self.head_w is not None:
+                self.head_fold = self._folded(self.final_norm, self.head_w)
         self.vocab = config.vocab_size
         self.rot_dim = config.rotary_embedding
         self.rope = None  # (cos, sin, rot_dim, interleaved), sized by `prepare`
@@ -153,6 +154,25 @@ class FusedDecoder:
         fc1_w, fc1_b = _fuse_rows(*fc1) if len(fc1) > 1 else (mlp.fc1.weight, mlp.fc1.bias)
         return FusedLayer(Norm.of(block.ln1), norm2, True, attn.qkv.weight, attn.qkv.bias, out_w, out_b,
                           fc1_w, fc1_b, None, None, width)
+
+    def _pad_head(self, head) -> tuple:
+        """The head's weight and bias; on one GPU with their rows padded with zeros to a multiple of
+        64, the module's parameters becoming views. cuBLAS writes logits of an odd width (GPT-2's
+        50257) through a slow unaligned kernel: 84 us a step at batch 32 on an H200, where reading
+        the weight takes 26. The padding's logits are never read (see `full_logits`)."""
+        if head is None:
+            return None, None
+        weight, bias = head.weight, head.bias
+        rows = weight.shape[0]
+        if self.group is not None or not weight.is_cuda or rows % 64 == 0:
+            return weight, bias
+        pad = 64 - rows % 64
+        weight = torch.cat([weight, weight.new_zeros(pad, weight.shape[1])])
+        head.weight.data = weight[:rows]
+        if bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(pad)])
+            head.bias.data = bias[:rows]
+        return weight, bias
 
     @staticmethod
     def _folded(norm: Norm, weight) -> tuple:
@@ -181,7 +201,8 @@ class FusedDecoder:
 
     def logits(self, tokens: torch.Tensor, positions: torch.Tensor, cache):
         """tokens, positions (R,) -> logits (R, V_local) or gathered (TP, R, V_local) on the last
-        stage (vocab padding included: see `full_logits`), None on the others."""
+        stage (vocab padding included, and on one GPU padding to a multiple of 64: see
+        `full_logits`), None on the others."""
         h = self._stage_input(tokens, positions)
         if self.group is None and tokens.shape[0] == 1 and os.environ.get("FT_RUNNER_FUSE_NORM", "1") != "0":
             return self._logits_single(h, positions, cache)
@@ -238,8 +259,13 @@ class FusedDecoder:
         return local, width, torch.empty((x.shape[0], local + width + qkv_width), dtype=x.dtype, device=x.device)
 
     def _stage_input(self, tokens, positions):
-        if self.grid.is_first_stage:
-            return self.stage.embed(tokens[:, None], positions[:, None])[:, 0]
+        if self.grid.is_first_stage:  # the stage's embed() in one kernel (a lookup, its TP mask, wpe)
+            stage = self.stage
+            h = ops.embed(tokens, positions, stage.wte.weight, stage.wte.start,
+                          stage.wpe.weight if stage.wpe is not None else None)
+            if self.group is not None:
+                dist.all_reduce(h, group=self.group)
+            return h if stage.ln_embed is None else stage.ln_embed(h)
         h = torch.empty((tokens.shape[0], self.stage.config.hidden_size), dtype=self.layers[0].qkv_w.dtype,
                         device=tokens.device)
         dist.recv(h, src=self.grid.stage_rank(self.grid.pp_rank - 1))
@@ -289,8 +315,7 @@ class FusedDecoder:
         return self._residual(h, y, layer.out_b, nxt)
 
     def _head(self, x, norm: tuple | None = None):
-        head = self.stage.lm_head
-        local = ops.linear(x, head.weight, head.bias, norm=norm)
+        local = ops.linear(x, self.head_w, self.head_b, norm=norm)
         if self.group is None:
             return local
         parts = torch.empty((self.grid.tp * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)

@@ -20,6 +20,19 @@ def _triton():
     return triton_ops
 
 
+def embed(ids, positions, wte, start: int = 0, wpe=None):
+    """ids, positions (M,) -> (M, H): rows wte[ids - start] (zero for ids outside this rank's
+    vocabulary slice [start, start + rows)), plus wpe[positions] when the model learns positions."""
+    if use_triton(wte):
+        return _triton().embed(ids, positions, wte, start, wpe)
+    local = ids - start
+    inside = (local >= 0) & (local < wte.shape[0])
+    h = F.embedding(local.clamp(0, wte.shape[0] - 1), wte).float() * inside[:, None]
+    if wpe is not None:
+        h = h + F.embedding(positions, wpe).float()
+    return h.to(wte.dtype)
+
+
 def add_norm(h, y, bias, weight, norm_bias, eps: float, rms: bool = False):
     """(h + y + bias, norm(h + y + bias)): the residual stream and its layernorm (RMSNorm if `rms`).
 

@@ -52,6 +52,18 @@ def check_add_norm(device, dtype, rms: bool) -> float:
     return worst
 
 
+def check_embed(device, dtype, start: int, learned_positions: bool) -> float:
+    V, N, M = 50, 200, 6
+    wte = torch.randn(V, N, device=device, dtype=dtype)
+    wpe = torch.randn(30, N, device=device, dtype=dtype) if learned_positions else None
+    ids = torch.tensor([0, 3, 49, 50, 99, 7], device=device) + start // 2  # some outside [start, start + V)
+    positions = torch.tensor([0, 1, 2, 29, 5, 6], device=device)[:M]
+    got = ops.embed(ids, positions, wte, start, wpe)
+    with reference():
+        want = ops.embed(ids, positions, wte, start, wpe)
+    return rel_err(got, want)
+
+
 def check_linear(device, dtype, M: int, act, gated=False, act_cols=None, norm=None, residual=False) -> float:
     N, K = 200, 328  # neither a multiple of the blocks
     w = torch.randn(2 * N if gated else N, K, device=device, dtype=dtype) / K ** 0.5
@@ -128,6 +140,9 @@ def run(device: str) -> bool:
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
     checks = []
     for dtype in dtypes:
+        for start, learned in ((0, True), (50, False)):
+            checks.append((f"embed {dtype} start={start} wpe={learned}",
+                           lambda d=dtype, s=start, w=learned: check_embed(device, d, s, w), tol[dtype]))
         for rms in (False, True):
             checks.append((f"add_norm {dtype} rms={rms}", lambda d=dtype, r=rms: check_add_norm(device, d, r), tol[dtype]))
         for M in (1, 3):

@@ -8,15 +8,44 @@ read from device memory).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ft_runner.kernels import next_pow2
 
 ACTIVATIONS = {None: 0, "gelu": 1, "relu": 2, "silu": 3, "gelu_exact": 4}
+
+
+def pdl(device: torch.device, programs: int) -> bool:
+    """Launch a kernel of `programs` programs with programmatic dependent launch (Hopper and later)?
+
+    A kernel launched so may start while the previous one is still running: it loads what does not
+    depend on that kernel (weights) and then waits (`_wait_for_inputs`) for the rest. In a CUDA graph
+    of ~100 small decode kernels this hides most of each launch's ramp-up. Kernels of more than
+    FT_RUNNER_PDL_PROGRAMS programs launch plainly; FT_RUNNER_PDL=0 turns it off."""
+    if device.type != "cuda" or os.environ.get("FT_RUNNER_PDL", "1") == "0" or not _sm90(device.index):
+        return False
+    return programs <= int(os.environ.get("FT_RUNNER_PDL_PROGRAMS", 2048))
+
+
+@functools.cache
+def _sm90(index) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@triton.jit
+def _wait_for_inputs(PDL: tl.constexpr):
+    """Under PDL: wait until the previous kernel has finished and its writes are visible, then let the
+    next kernel begin launching. Every kernel launched with PDL calls this before it reads anything
+    but weights and before it writes anything, so the ordering of the stream still holds."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -40,6 +69,38 @@ def _activate(y, ACT: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------
+# token (+ learned position) embedding
+
+
+@triton.jit
+def _embed_kernel(ids_ptr, pos_ptr, wte_ptr, wpe_ptr, out_ptr, start, vocab_local, N,
+                  HAS_POS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    _wait_for_inputs(PDL)
+    token = tl.load(ids_ptr + row) - start
+    inside = (token >= 0) & (token < vocab_local)  # this rank's slice of the vocabulary
+    token = tl.where(inside, token, 0)
+    e = tl.load(wte_ptr + token * N + cols, mask=mask & inside, other=0.0).to(tl.float32)
+    if HAS_POS:
+        e += tl.load(wpe_ptr + tl.load(pos_ptr + row) * N + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * N + cols, e.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def embed(ids, positions, wte, start: int, wpe):
+    """See ops.embed."""
+    M, N = ids.shape[0], wte.shape[1]
+    out = torch.empty((M, N), dtype=wte.dtype, device=wte.device)
+    block = min(1024, next_pow2(N))
+    grid = (M, triton.cdiv(N, block))
+    on = pdl(wte.device, grid[0] * grid[1])
+    _embed_kernel[grid](ids, positions, wte, wpe if wpe is not None else wte, out, start, wte.shape[0], N,
+                        HAS_POS=wpe is not None, BLOCK=block, PDL=on, launch_pdl=on, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # residual add + layernorm / RMSNorm
 
 
@@ -47,10 +108,11 @@ def _activate(y, ACT: tl.constexpr):
 def _add_norm_kernel(h_ptr, y_ptr, bias_ptr, w_ptr, b_ptr, h_out_ptr, x_out_ptr,
                      stride_h, stride_y, stride_ho, stride_xo, N, eps,
                      HAS_Y: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_H: tl.constexpr,
-                     HAS_NORM_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_NORM_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    _wait_for_inputs(PDL)
     h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_Y:
         h += tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
@@ -77,12 +139,13 @@ def add_norm(h, y, bias, weight, norm_bias, eps: float, rms: bool):
     h_out = torch.empty_like(h) if write_h else h
     x_out = torch.empty_like(h)
     block = next_pow2(N)
+    on = pdl(h.device, M)
     _add_norm_kernel[(M,)](
         h, y if y is not None else h, bias if bias is not None else weight, weight,
         norm_bias if norm_bias is not None else weight, h_out, x_out,
         h.stride(0), y.stride(0) if y is not None else 0, h_out.stride(0), x_out.stride(0), N, eps,
         HAS_Y=y is not None, HAS_BIAS=bias is not None, WRITE_H=write_h, HAS_NORM_BIAS=norm_bias is not None,
-        RMS=rms, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+        RMS=rms, BLOCK=block, PDL=on, launch_pdl=on, num_warps=min(16, max(1, block // 256)))
     return h_out, x_out
 
 
@@ -91,61 +154,84 @@ def add_norm(h, y, bias, weight, norm_bias, eps: float, rms: bool):
 
 
 @triton.jit
+def _weight_tile(w_rows, k, n_mask, K, EVEN: tl.constexpr):
+    if EVEN:
+        w = tl.load(w_rows + k[None, :])
+    else:
+        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
+    return w
+
+
+@triton.jit
+def _gemv_accumulate(acc, acc_up, s1, s2, w, u, x_ptr, nw_ptr, nb_ptr, k, K, mean, rstd, NORM: tl.constexpr,
+                     FOLDED: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr):
+    """One K tile of the GEMV: acc += W[:, k] x[k] (and acc_up for the up rows of a gated MLP)."""
+    if EVEN_K:
+        x = tl.load(x_ptr + k).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    if FOLDED:
+        s1 += x
+        s2 += x * x
+        x = x * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    elif NORM != 0:
+        x = (x - mean) * rstd * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        if HAS_NORM_BIAS:
+            x += tl.load(nb_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        x = x.to(w.dtype).to(tl.float32)  # the normed activations as a norm kernel stores them
+    acc += w.to(tl.float32) * x[None, :]
+    if GATED:
+        acc_up += u.to(tl.float32) * x[None, :]
+    return acc, acc_up, s1, s2
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, g_ptr, c_ptr, N, K, stride_wn, act_cols, eps,
                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                  FOLDED: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """NORM (1 layernorm, 2 RMSNorm) normalises x on the fly. FOLDED: with G = W g and C = W b
     precomputed, norm(x) W^T = rstd (sum_k x_k g_k W_nk - mean G_n) + C_n, so the statistics
-    accumulate in the same loop as the product and no program makes a separate pass over x."""
+    accumulate in the same loop as the product and no program makes a separate pass over x.
+    Under PDL the first weight tile (at K <= BLOCK_K, all of the program's weights) is loaded
+    before waiting for the previous kernel."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
+    EVEN: tl.constexpr = EVEN_N and EVEN_K
+    w_rows = w_ptr + n[:, None] * stride_wn
+    k = tl.arange(0, BLOCK_K)
+    w = _weight_tile(w_rows, k, n_mask, K, EVEN)
+    u = w
+    if GATED:  # rows [0, N) are the gate, rows [N, 2N) the up projection
+        u = _weight_tile(w_rows + N * stride_wn, k, n_mask, K, EVEN)
+    _wait_for_inputs(PDL)
     if NORM != 0 and not FOLDED:
         total = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            total += tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            total += tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0).to(tl.float32)
         mean = tl.sum(total, axis=0) / K if NORM == 1 else 0.0
         total = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            centred = tl.where(k < K, tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32) - mean, 0.0)
+            kk = k0 + k
+            centred = tl.where(kk < K, tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32) - mean, 0.0)
             total += centred * centred
         rstd = 1.0 / tl.sqrt(tl.sum(total, axis=0) / K + eps)
-    if FOLDED:
-        s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    # a 2-D accumulator, reduced once at the end: no cross-lane reduction inside the K loop
+    else:
+        mean = 0.0
+        rstd = 1.0
+    s1 = tl.zeros((BLOCK_K,), dtype=tl.float32)  # FOLDED: sum x, sum x^2
+    s2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    # 2-D accumulators, reduced once at the end: no cross-lane reduction inside the K loop
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if GATED:  # rows [0, N) are the gate, rows [N, 2N) the up projection
-        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    w_rows = w_ptr + n[:, None] * stride_wn
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            x = tl.load(x_ptr + k).to(tl.float32)
-        else:
-            x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        if FOLDED:
-            s1 += x
-            s2 += x * x
-            x = x * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-        elif NORM != 0:
-            x = (x - mean) * rstd * tl.load(nw_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            if HAS_NORM_BIAS:
-                x += tl.load(nb_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-            x = x.to(w_ptr.dtype.element_ty).to(tl.float32)  # the normed activations as a norm kernel stores them
-        if EVEN_N and EVEN_K:
-            w = tl.load(w_rows + k[None, :])
-        else:
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
-        acc += w.to(tl.float32) * x[None, :]
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc, acc_up, s1, s2 = _gemv_accumulate(acc, acc_up, s1, s2, w, u, x_ptr, nw_ptr, nb_ptr, k, K, mean, rstd,
+                                           NORM, FOLDED, HAS_NORM_BIAS, GATED, EVEN_K)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _weight_tile(w_rows + k0, k, n_mask, K - k0, EVEN)
         if GATED:
-            if EVEN_N and EVEN_K:
-                u = tl.load(w_rows + N * stride_wn + k[None, :])
-            else:
-                u = tl.load(w_rows + N * stride_wn + k[None, :], mask=n_mask[:, None] & (k < K)[None, :], other=0.0)
-            acc_up += u.to(tl.float32) * x[None, :]
+            u = _weight_tile(w_rows + N * stride_wn + k0, k, n_mask, K - k0, EVEN)
+        acc, acc_up, s1, s2 = _gemv_accumulate(acc, acc_up, s1, s2, w, u, x_ptr, nw_ptr, nb_ptr, k0 + k, K, mean,
+                                               rstd, NORM, FOLDED, HAS_NORM_BIAS, GATED, EVEN_K)
     y = tl.sum(acc, axis=1)
     if GATED:
         up = tl.sum(acc_up, axis=1)
@@ -202,22 +288,25 @@ def gemv(x, weight, bias, act, gated, act_cols, out, norm=None, residual=None):
     block_n, block_k, warps = _gemv_config(n_out, K)
     nw, nb, eps, rms, g, c = (*norm, None, None)[:6] if norm is not None else (weight, None, 0.0, False, None, None)
     folded = norm is not None and g is not None and (nb is None or c is not None)
+    on = pdl(x.device, triton.cdiv(n_out, block_n))
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x, weight, bias if bias is not None else weight, residual if residual is not None else weight, out,
         nw, nb if nb is not None else weight, g if g is not None else weight, c if c is not None else weight,
         n_out, K, weight.stride(0), n_out if act_cols is None else act_cols, eps,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=gated, NORM=0 if norm is None else (2 if rms else 1),
         FOLDED=folded, HAS_NORM_BIAS=nb is not None, HAS_RES=residual is not None, EVEN_N=n_out % block_n == 0,
-        EVEN_K=K % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        EVEN_K=K % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, PDL=on, launch_pdl=on, num_warps=warps)
     return out
 
 
 @triton.jit
 def _act_kernel(y_ptr, b_ptr, out_ptr, N, stride_y, stride_o, act_cols,
-                HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr):
+                HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, BLOCK: tl.constexpr,
+                PDL: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
+    _wait_for_inputs(PDL)
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -238,11 +327,11 @@ def activate(y, bias, act, gated=False, act_cols=None, out=None):
     if out is None:
         out = torch.empty((M, N), dtype=y.dtype, device=y.device)
     block = min(1024, next_pow2(N))
+    on = pdl(y.device, M * triton.cdiv(N, block))
     _act_kernel[(M, triton.cdiv(N, block))](y, bias if bias is not None else y, out, N, y.stride(0), out.stride(0),
                                             N if act_cols is None else act_cols,
                                             HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=gated,
-                                            BLOCK=block,
-                                            num_warps=4)
+                                            BLOCK=block, PDL=on, launch_pdl=on, num_warps=4)
     return out
 
 
@@ -274,7 +363,7 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
                              pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, part_ptr, count_ptr, scale,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
-                             SPLITS: tl.constexpr, CHUNK: tl.constexpr):
+                             SPLITS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """Program (b, hq, split) attends to cache positions [split * CHUNK, (split + 1) * CHUNK) of its
     row's [0, pos); split 0 also to the new token, from registers, and appends it to the cache. With
     several splits each writes (acc, max, sum) to `part`; the last of a (b, hq) to finish, as counted
@@ -284,6 +373,7 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     split = tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     hkv = hq // GROUP
+    _wait_for_inputs(PDL)
     pos = tl.load(pos_ptr + b).to(tl.int32)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
@@ -383,11 +473,12 @@ def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim
     chunk = triton.cdiv(triton.cdiv(max_len, splits), block_t) * block_t
     part = torch.empty((B * heads * splits * (block_d + 2),) if splits > 1 else (1,), dtype=torch.float32,
                        device=qkv.device)
+    on = pdl(qkv.device, B * heads * splits)
     _decode_attention_kernel[(B, heads, splits)](
         qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         positions, cos, sin, out, out.stride(0), part, _counters(qkv.device, B * heads), scale,
         HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=block_d, ROT=rot, INTERLEAVED=interleaved,
-        BLOCK_T=block_t, SPLITS=splits, CHUNK=chunk, num_warps=warps)
+        BLOCK_T=block_t, SPLITS=splits, CHUNK=chunk, PDL=on, launch_pdl=on, num_warps=warps)
     return out
 
 
@@ -399,11 +490,13 @@ def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim
 def _greedy_step_kernel(logits_ptr, stride_part, stride_row, V, V_PART,
                         temp_ptr, end_ptr, out_len_ptr, len_ptr, step_ptr, max_pos, R,
                         reasons_ptr, produced_ptr, history_ptr, logprobs_ptr, next_ptr, pos_ptr,
-                        part_ptr, count_ptr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr):
+                        part_ptr, count_ptr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+                        PDL: tl.constexpr):
     """Program (b, split) reduces vocabulary chunk `split` of row b to (max, argmax, sum of exp); the
     last of a row to finish (an atomic counts them) merges the chunks and does StepState.record."""
     b = tl.program_id(0)
     split = tl.program_id(1)
+    _wait_for_inputs(PDL)
     inv_t = 1.0 / tl.load(temp_ptr + b).to(tl.float32)
     offs = tl.arange(0, BLOCK_V)
     s = inv_t * 0.0
@@ -474,8 +567,10 @@ def greedy_step(logits, vocab, state):
     splits = triton.cdiv(vocab, chunk)
     splits = next_pow2(splits)
     part = torch.empty((R * splits * 3,), dtype=torch.float32, device=parts.device)
+    on = pdl(parts.device, R * splits)
     _greedy_step_kernel[(R, splits)](
         parts, parts.stride(0), parts.stride(1), vocab, parts.shape[2],
         state.temperature, state.end_id, state.out_lens, state.lengths, state.step, state.max_pos, R,
         state.reasons, state.produced, state.history, state.logprobs, state.next_tokens, state.positions,
-        part, _counters(parts.device, R), SPLITS=splits, CHUNK=chunk, BLOCK_V=block_v, num_warps=4)
+        part, _counters(parts.device, R), SPLITS=splits, CHUNK=chunk, BLOCK_V=block_v, PDL=on, launch_pdl=on,
+        num_warps=4)
