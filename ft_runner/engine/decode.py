@@ -261,8 +261,8 @@ class FusedDecoder:
     def _stage_input(self, tokens, positions):
         if self.grid.is_first_stage:  # the stage's embed() in one kernel (a lookup, its TP mask, wpe)
             stage = self.stage
-            h = ops.embed(tokens, positions, stage.wte.weight, stage.wte.start,
-                          stage.wpe.weight if stage.wpe is not None else None)
+            wpe = stage.wpe.weight if stage.wpe is not None and self.grid.tp_rank == 0 else None  # added once
+            h = ops.embed(tokens, positions, stage.wte.weight, stage.wte.start, wpe)
             if self.group is not None:
                 dist.all_reduce(h, group=self.group)
             return h if stage.ln_embed is None else stage.ln_embed(h)
