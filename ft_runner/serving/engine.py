@@ -109,10 +109,11 @@ class Engine:
         return jobs
 
     def _execute(self, jobs: list[_Job]) -> None:
-        for job in [j for j in jobs if j.future.cancelled()]:  # given up while queued
+        given_up = [j.future.cancelled() for j in jobs]  # while queued; read once, as cancels may arrive any time
+        for job in (j for j, gone in zip(jobs, given_up) if gone):
             job.timer.started()
             job.timer.done("cancelled", reasons=["abort"] * job.batch.size)
-        jobs = [j for j in jobs if not j.future.cancelled()]
+        jobs = [j for j, gone in zip(jobs, given_up) if not gone]
         if not jobs:
             return
         batch = jobs[0].batch if len(jobs) == 1 else concat_batches([j.batch for j in jobs])
