@@ -52,9 +52,10 @@ OUTPUTS = [
 __all__ = ["ERROR", "INPUTS", "OUTPUTS", "RequestError", "TextModel", "answer_each", "text_rows"]
 
 
-def answer_each(requests, check, run) -> list[dict]:
+def answer_each(requests, check, engine: Engine, respond) -> list[dict]:
     """One response per request: `check(request)` gives its Rows or raises RequestError, which
-    becomes that request's own error; `run(rows, slices)` answers the good ones in one batch."""
+    becomes that request's own error; the good ones run as one batch on `engine`, and
+    `respond(rows, output, rows_slice)` makes each one's response from its slice of the output."""
     checked = []
     for request in requests:
         try:
@@ -62,7 +63,11 @@ def answer_each(requests, check, run) -> list[dict]:
         except RequestError as exc:
             checked.append(exc)
     good = [rows for rows in checked if isinstance(rows, Rows)]
-    answers = iter(run(good, request_slices(good)) if good else [])
+    answers = []
+    if good:
+        out = with_beam_axis(engine.submit(make_batch(good)))
+        answers = [respond(rows, out, s) for rows, s in zip(good, request_slices(good))]
+    answers = iter(answers)
     return [next(answers) if isinstance(rows, Rows) else _error(rows) for rows in checked]
 
 
@@ -113,11 +118,8 @@ class TextModel:
 
     def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
-        return answer_each(requests, lambda request: text_rows(request, self.tokenizer, self.limits), self._run)
-
-    def _run(self, rows: list[Rows], slices: list[slice]) -> list[dict]:
-        out = with_beam_axis(self.engine.submit(make_batch(rows)))
-        return [self._response(r, out, s) for r, s in zip(rows, slices)]
+        return answer_each(requests, lambda request: text_rows(request, self.tokenizer, self.limits), self.engine,
+                           self._response)
 
     def _response(self, rows: Rows, out, rows_slice: slice) -> dict:
         W = rows.beam_width

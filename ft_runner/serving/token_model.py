@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
-from ft_runner.engine.beam import with_beam_axis
 from ft_runner.serving.engine import Engine
 from ft_runner.serving.text_model import ERROR, answer_each, pad_last
 from ft_runner.serving.validation import (
@@ -28,7 +27,6 @@ from ft_runner.serving.validation import (
     Rows,
     check_rows,
     ft_word_lists,
-    make_batch,
     param_inputs,
     per_row,
     row_params,
@@ -84,11 +82,7 @@ class TokenModel:
 
     def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
-        return answer_each(requests, lambda request: token_rows(request, self.limits), self._run)
-
-    def _run(self, rows: list[Rows], slices: list[slice]) -> list[dict]:
-        out = with_beam_axis(self.engine.submit(make_batch(rows)))
-        return [self._response(r, out, s) for r, s in zip(rows, slices)]
+        return answer_each(requests, lambda request: token_rows(request, self.limits), self.engine, self._response)
 
     def _response(self, rows: Rows, out, rows_slice: slice) -> dict:
         W, new = rows.beam_width, max(rows.output_lens)
