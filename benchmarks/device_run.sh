@@ -4,6 +4,8 @@
 # Steps:
 #   kernels     GPU facts, kernel self-check (ft_runner/kernels/selfcheck.py)
 #   micro       GEMV/attention/sampling micro-benchmarks (benchmarks/microbench.py)
+#   tune        the few-row GEMM and decode attention against their config grids (microbench --sweep)
+#   micro-rows  the few-row GEMM against cuBLAS and decode attention, default configs (microbench)
 #   parity1     parity with HF, TP=1, fp16 (benchmarks/gpu_checks.py)
 #   dev         ft_runner-only bench of gpt2-medium and GPT-J (bs 1/32/64) with per-kernel profiles
 #   dev-small   as dev, gpt2-medium only
@@ -50,6 +52,14 @@ for s in "$@"; do
   micro)
     step micro
     python3 benchmarks/microbench.py --sweep 2>&1 | tee "$OUT/microbench.log" | grep -v "^\[" | tail -40
+    ;;
+  tune)
+    step tune
+    python3 benchmarks/microbench.py --sweep --parts skinny,attention 2>&1 | tee "$OUT/microbench_tune.log" | grep -v "^\[" | tail -60
+    ;;
+  micro-rows)
+    step micro-rows
+    python3 benchmarks/microbench.py --parts skinny,attention 2>&1 | tee "$OUT/microbench_rows.log" | grep -v "^\[" | tail -60
     ;;
   parity1)
     step parity1

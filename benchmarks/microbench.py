@@ -1,12 +1,13 @@
 """Per-kernel timings on one GPU, to tune the decode kernels (not part of any test).
 
-    python3 benchmarks/microbench.py [--sweep]
+    python3 benchmarks/microbench.py [--sweep] [--parts gemv,skinny,attention,other]
 
 Each kernel is timed the way the engine runs it: as a CUDA graph of many back-to-back launches,
-each on its own copy of the weights (so the L2 cache never holds them), replayed and timed with
-CUDA events. Prints, per GEMV shape of gpt2-medium and GPT-J at batch 1, cuBLAS (F.linear)
-against the Triton GEMV (its heuristic config, and with --sweep the best of a grid of configs)
-in us and GB/s; then the other decode kernels at their real sizes.
+each on its own copy of the weights or KV cache (so the L2 cache never holds them), replayed and
+timed with CUDA events. Prints, per projection shape of gpt2-medium, GPT-J and Llama-3-8B, cuBLAS
+(F.linear) against the Triton GEMV (1 row) and the few-row GEMM (8..64 rows), then decode
+attention and the other decode kernels at their real sizes, in us and GB/s; --sweep adds the best
+of a grid of configs for each.
 """
 
 # ruff: noqa: B023  (each graph is captured and timed before the loop moves on)
@@ -97,30 +98,75 @@ def bench_gemv(sweep: bool) -> None:
                   flush=True)
 
 
-def bench_attention_sweep() -> None:
-    """decode_attention over FT_RUNNER_ATTN="block_t,min_programs,warps" settings."""
+SKINNY_SHAPES = ("gpt2m qkv", "gpt2m dense", "gpt2m fc1", "gpt2m fc2", "gpt2m head", "gptj in", "gptj out",
+                 "llama3 qkv", "llama3 gate_up", "llama3 down")
+
+
+def bench_skinny(sweep: bool) -> None:
+    """Batched decode's projections (8..64 rows): cuBLAS against the few-row Triton GEMM."""
+    configs = list(itertools.product((64, 128), (64, 128, 256), (1, 2, 4, 8), (4,), (3, 4)))
+    for name, rows in itertools.product(SKINNY_SHAPES, (8, 32, 64)):
+        n, k = GEMV_SHAPES[name]
+        ws = weight_copies(n, k)
+        x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+        nbytes = n * k * 2
+        cublas = graph_time_us(lambda i: F.linear(x, ws[i]), len(ws))
+        skinny = graph_time_us(lambda i: ops.linear(x, ws[i]), len(ws))
+        line = (f"skinny {name:<16} M={rows:<3} cuBLAS {cublas:7.1f} us {nbytes / cublas / 1e3:5.0f} GB/s | triton "
+                f"{skinny:7.1f} us {nbytes / skinny / 1e3:5.0f} GB/s")
+        if sweep and rows >= 32:
+            best = (float("inf"), None)
+            for config in configs:
+                if config[1] > k:
+                    continue
+                os.environ["FT_RUNNER_SKINNY"] = ",".join(map(str, config))
+                try:
+                    t = graph_time_us(lambda i: ops.linear(x, ws[i]), len(ws), 10)
+                finally:
+                    del os.environ["FT_RUNNER_SKINNY"]
+                best = min(best, (t, config))
+            line += f" | best {best[0]:7.1f} us {nbytes / best[0] / 1e3:5.0f} GB/s {best[1]}"
+        print(line, flush=True)
+
+
+ATTENTION_SHAPES = {  # name: (heads, kv_heads, head_dim, rot, interleaved)
+    "gpt2m": (16, 16, 64, 0, False), "gptj": (16, 16, 256, 64, True), "llama3": (32, 8, 128, 128, False)}
+
+
+def bench_attention(sweep: bool) -> None:
+    """decode_attention as the engine runs it: one launch per layer of a (layers, B, kv_heads, 256, D)
+    cache too large for L2, rows at positions spread over [128, 256); with --sweep also the best of
+    a grid of FT_RUNNER_ATTN settings."""
     dev, f16 = "cuda", torch.float16
-    for batch, heads, dim, rot in ((1, 16, 64, 0), (1, 16, 256, 64), (32, 16, 256, 64), (64, 16, 256, 64)):
-        caches = [torch.randn(batch, heads, 256, dim, device=dev, dtype=f16) for _ in range(2)]
-        qkv = torch.randn(batch, 3 * heads * dim, device=dev, dtype=f16)
-        pos = torch.full((batch,), 192, device=dev)
+    configs = [*itertools.product((16, 32, 64, 128), (512, 1024, 2048), (4, 8), (2, 3))]
+    for (name, (heads, kv, dim, rot, inter)), batch in itertools.product(ATTENTION_SHAPES.items(), (1, 32, 64)):
+        per_layer = 2 * batch * kv * 256 * dim * 2
+        layers = max(4, min(64, (400 << 20) // per_layer))
+        k = torch.randn(layers, batch, kv, 256, dim, device=dev, dtype=f16)
+        v = torch.randn_like(k)
+        qkv = torch.randn(batch, (heads + 2 * kv) * dim, device=dev, dtype=f16)
+        pos = torch.randint(128, 255, (batch,), device=dev)
         rope = None
         if rot:
             inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device=dev).float() / rot))
-            rope = (*ops.rope_tables(inv, 256), rot, True)
-        results = []
-        for block_t, programs, warps in itertools.product((16, 32, 64), (128, 512, 2048), (4, 8)):
-            if block_t * dim > 16384:
-                continue
-            os.environ["FT_RUNNER_ATTN"] = f"{block_t},{programs},{warps}"
+            rope = (*ops.rope_tables(inv, 256), rot, inter)
+        kv_bytes = 2 * kv * dim * 2 * float(pos.sum() + batch)
+
+        def timed(config=None):
+            if config:
+                os.environ["FT_RUNNER_ATTN"] = ",".join(map(str, config))
             try:
-                t = graph_time_us(lambda i: ops.decode_attention(qkv, *caches, pos, heads, heads, dim, 0.1, rope), 16)
+                return graph_time_us(lambda i: ops.decode_attention(qkv, k[i], v[i], pos, heads, kv, dim, 0.1, rope),
+                                     layers, 10)
             finally:
-                del os.environ["FT_RUNNER_ATTN"]
-            results.append((t, (block_t, programs, warps)))
-        results.sort()
-        print(f"attention sweep B={batch} D={dim}: " + ", ".join(f"{t:.1f}us {c}" for t, c in results[:4]),
-              flush=True)
+                os.environ.pop("FT_RUNNER_ATTN", None)
+
+        t = timed()
+        line = f"attention {name:<6} B={batch:<3} {t:7.1f} us {kv_bytes / t / 1e3:5.0f} GB/s"
+        if sweep:
+            best = min((timed(c), c) for c in configs if c[0] * dim <= 16384 and (c[0] >= 32 or dim >= 128) and (c[0] <= 64 or dim <= 64))
+            line += f" | best {best[0]:7.1f} us {kv_bytes / best[0] / 1e3:5.0f} GB/s {best[1]}"
+        print(line, flush=True)
 
 
 def bench_other() -> None:
@@ -131,19 +177,6 @@ def bench_other() -> None:
         w, b = torch.ones(hidden, device=dev, dtype=f16), torch.zeros(hidden, device=dev, dtype=f16)
         rows.append((f"add_norm B=1 H={hidden}", graph_time_us(lambda i: ops.add_norm(h[i], h[i - 1], b, w, b, 1e-5),
                                                                64)))
-    for batch, heads, dim, rot, ctx in ((1, 16, 64, 0, 192), (1, 16, 256, 64, 192), (32, 16, 64, 0, 192),
-                                        (32, 16, 256, 64, 192), (64, 16, 256, 64, 192), (1, 32, 128, 128, 192)):
-        kv = 8 if dim == 128 else heads
-        caches = [torch.randn(batch, kv, 256, dim, device=dev, dtype=f16) for _ in range(2)]
-        qkv = torch.randn(batch, (heads + 2 * kv) * dim, device=dev, dtype=f16)
-        pos = torch.full((batch,), ctx, device=dev)
-        rope = None
-        if rot:
-            inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device=dev).float() / rot))
-            rope = (*ops.rope_tables(inv, 256), rot, dim == 256)
-        t = graph_time_us(lambda i: ops.decode_attention(qkv, *caches, pos, heads, kv, dim, dim ** -0.5, rope), 32)
-        kv_bytes = 2 * batch * kv * ctx * dim * 2
-        rows.append((f"attention B={batch} heads={heads}/{kv} D={dim} ctx={ctx}", t, kv_bytes / t / 1e3))
     from ft_runner.engine.step_state import StepState
 
     for batch in (1, 64):
@@ -159,13 +192,13 @@ def bench_other() -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", action="store_true", help="also search a grid of Triton GEMV configs")
+    p.add_argument("--sweep", action="store_true", help="also search a grid of configs for each kernel")
+    p.add_argument("--parts", default="gemv,skinny,attention,other", help="which benchmarks (comma-separated)")
     args = p.parse_args()
     print(f"[microbench] {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    bench_gemv(args.sweep)
-    bench_other()
-    if args.sweep:
-        bench_attention_sweep()
+    parts = {"gemv": bench_gemv, "skinny": bench_skinny, "attention": bench_attention, "other": lambda _: bench_other()}
+    for part in args.parts.split(","):
+        parts[part](args.sweep)
     return 0
 
 

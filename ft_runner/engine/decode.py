@@ -2,8 +2,9 @@
 
 `FusedDecoder` runs the step on a `GPTStage`'s own weights through `ft_runner.kernels.ops`
 (Triton on GPUs). Per layer of a sequential block: a residual-add + norm kernel, the projections
-(at batch 1 one GEMV kernel each, bias and activation included), and one attention kernel that
-rotates q/k, appends k/v to the cache and attends. A parallel-residual block (GPT-J, GPT-NeoX)
+(one kernel each with bias and activation: a GEMV at batch 1, with the norm folded in too; a
+few-row GEMM up to 64 rows; cuBLAS beyond), and one attention kernel that rotates q/k, appends
+k/v to the cache and attends. A parallel-residual block (GPT-J, GPT-NeoX)
 writes attention output, activated MLP hidden and QKV side by side in one buffer, so its two
 output projections are one GEMM (and, with one shared norm, its two input projections too).
 Gated MLPs run gate and up as one GEMV. Weights are fused in place: the modules' parameters

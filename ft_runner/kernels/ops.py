@@ -72,6 +72,12 @@ def _torch_activate(y, act, gated=False, act_cols=None):
     return y
 
 
+def _few_rows(x) -> bool:
+    """Does ops.linear take the few-row Triton GEMM for x?"""
+    return (use_triton(x) and 1 < x.shape[0] <= _triton().SKINNY_MAX_ROWS
+            and os.environ.get("FT_RUNNER_GEMM", "") != "cublas")
+
+
 def linear(x, weight, bias=None, act: str | None = None, gated: bool = False, act_cols: int | None = None,
            out=None, norm=None, residual=None):
     """act(norm(x) W^T + b) + residual -> (M, N), into `out` if given (it may be a column slice of a
@@ -82,10 +88,14 @@ def linear(x, weight, bias=None, act: str | None = None, gated: bool = False, ac
     (a parallel block's fused MLP + QKV projection). norm: None or (weight, bias, eps, rms), the
     norm applied to x first, optionally followed by the fp32 sums (W weight, W bias) that let the
     GPU kernel fold it into the product (`fold_norm`); residual: (M, N) added last. At M == 1 on a
-    GPU all of it is one kernel.
+    GPU all of it is one kernel; at 2..64 rows a norm kernel and one few-row GEMM with the rest.
     """
     if use_triton(x) and x.shape[0] == 1 and os.environ.get("FT_RUNNER_GEMV", "") != "cublas":
         return _triton().gemv(x, weight, bias, act, gated, act_cols, out, norm, residual)
+    if _few_rows(x):
+        if norm is not None:
+            x = add_norm(x, None, None, *norm[:4])[1]
+        return _triton().skinny_linear(x, weight, bias, act, gated, act_cols, out, residual)
     if norm is not None:
         x = add_norm(x, None, None, *norm[:4])[1]
     if use_triton(x):

@@ -145,7 +145,7 @@ def run(device: str) -> bool:
                            lambda d=dtype, s=start, w=learned: check_embed(device, d, s, w), tol[dtype]))
         for rms in (False, True):
             checks.append((f"add_norm {dtype} rms={rms}", lambda d=dtype, r=rms: check_add_norm(device, d, r), tol[dtype]))
-        for M in (1, 3):
+        for M in (1, 3, 33):
             for act, gated, cols in ((None, False, None), ("gelu", False, None), ("gelu", False, 72),
                                      ("relu", False, None), ("gelu_exact", False, None), ("silu", True, None),
                                      ("gelu", True, None)):

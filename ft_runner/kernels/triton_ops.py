@@ -335,107 +335,6 @@ def activate(y, bias, act, gated=False, act_cols=None, out=None):
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# decode attention: one new token per row, rotary, KV-cache append, GQA
-
-
-@triton.jit
-def _rope(x_ptr, d, x, pos, cos_ptr, sin_ptr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Rotate the first ROT features of x (fp32, loaded from x_ptr + d) by position pos."""
-    HALF: tl.constexpr = ROT // 2
-    if INTERLEAVED:  # GPT-J: pairs (2i, 2i+1)
-        partner = d ^ 1
-        sign = tl.where(d % 2 == 0, -1.0, 1.0)
-        freq = d // 2
-    else:  # GPT-NeoX / Llama: pairs (i, i + ROT/2)
-        partner = tl.where(d < HALF, d + HALF, d - HALF)
-        sign = tl.where(d < HALF, -1.0, 1.0)
-        freq = d % HALF
-    rot = d < ROT
-    other = tl.load(x_ptr + partner, mask=rot, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + pos * HALF + freq, mask=rot, other=1.0)
-    sin = tl.load(sin_ptr + pos * HALF + freq, mask=rot, other=0.0)
-    return tl.where(rot, x * cos + sign * other * sin, x)
-
-
-@triton.jit
-def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct,
-                             pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, part_ptr, count_ptr, scale,
-                             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                             ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
-                             SPLITS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """Program (b, hq, split) attends to cache positions [split * CHUNK, (split + 1) * CHUNK) of its
-    row's [0, pos); split 0 also to the new token, from registers, and appends it to the cache. With
-    several splits each writes (acc, max, sum) to `part`; the last of a (b, hq) to finish, as counted
-    by an atomic, merges them (flash-decoding without a second launch) and resets the counter."""
-    b = tl.program_id(0)
-    hq = tl.program_id(1)
-    split = tl.program_id(2)
-    GROUP: tl.constexpr = HQ // HKV
-    hkv = hq // GROUP
-    _wait_for_inputs(PDL)
-    pos = tl.load(pos_ptr + b).to(tl.int32)
-    d = tl.arange(0, BLOCK_D)
-    dm = d < D
-    row = qkv_ptr + b * stride_qkv
-    q = tl.load(row + hq * D + d, mask=dm, other=0.0).to(tl.float32)
-    if ROT > 0:
-        q = _rope(row + hq * D, d, q, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED)
-    q = q * scale
-    base = b * stride_cb + hkv * stride_ch
-    if split == 0:
-        k_new = tl.load(row + (HQ + hkv) * D + d, mask=dm, other=0.0).to(tl.float32)
-        if ROT > 0:
-            k_new = _rope(row + (HQ + hkv) * D, d, k_new, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED)
-        k_new = k_new.to(k_cache.dtype.element_ty)
-        v_new = tl.load(row + (HQ + HKV + hkv) * D + d, mask=dm, other=0.0).to(v_cache.dtype.element_ty)
-        if hq % GROUP == 0:  # one program per KV head appends the new key and value
-            tl.store(k_cache + base + pos * stride_ct + d, k_new, mask=dm)
-            tl.store(v_cache + base + pos * stride_ct + d, v_new, mask=dm)
-        m = tl.sum(q * k_new.to(tl.float32), axis=0)
-        l_sum = m * 0.0 + 1.0
-        acc = v_new.to(tl.float32)
-    else:
-        l_sum = tl.sum(q, axis=0) * 0.0
-        m = l_sum + float("-inf")
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    start = split * CHUNK
-    stop = tl.minimum(start + CHUNK, pos)
-    t_offs = tl.arange(0, BLOCK_T)
-    for t0 in range(start, stop, BLOCK_T):
-        t = t0 + t_offs
-        tm = t < stop
-        offs = base + t[:, None] * stride_ct + d[None, :]
-        k = tl.load(k_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
-        v = tl.load(v_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
-        s = tl.where(tm, tl.sum(k.to(tl.float32) * q[None, :], axis=1), float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(s - m_new)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        l_sum = l_sum * alpha + tl.sum(p, axis=0)
-        m = m_new
-    out = out_ptr + b * stride_out + hq * D + d
-    if SPLITS == 1:
-        tl.store(out, (acc / l_sum).to(out_ptr.dtype.element_ty), mask=dm)
-    else:
-        head = b * HQ + hq
-        slot = part_ptr + (head * SPLITS + split) * (BLOCK_D + 2)
-        tl.store(slot + d, acc)
-        tl.store(slot + BLOCK_D, m)
-        tl.store(slot + BLOCK_D + 1, l_sum)
-        done = tl.atomic_add(count_ptr + head, 1, sem="acq_rel", scope="gpu")
-        if done == SPLITS - 1:
-            rows = part_ptr + (head * SPLITS + tl.arange(0, SPLITS)) * (BLOCK_D + 2)
-            ms = tl.load(rows + BLOCK_D, cache_modifier=".cg")
-            ls = tl.load(rows + BLOCK_D + 1, cache_modifier=".cg")
-            accs = tl.load(rows[:, None] + d[None, :], cache_modifier=".cg")
-            w = tl.exp(ms - tl.max(ms, axis=0))  # split 0 always holds the new token: the max is finite
-            merged = tl.sum(w[:, None] * accs, axis=0) / tl.sum(w * ls, axis=0)
-            tl.store(out, merged.to(out_ptr.dtype.element_ty), mask=dm)
-            tl.store(count_ptr + head, 0)
-
-
 _COUNTERS: dict = {}
 
 
@@ -447,38 +346,305 @@ def _counters(device, count: int) -> torch.Tensor:
     return have
 
 
-def _attention_config(rows: int, heads: int, block_d: int, max_len: int) -> tuple[int, int, int]:
-    """(BLOCK_T, SPLITS, num_warps): split the cache when there are too few (row, head) programs to
-    fill the GPU. From an H200 sweep (benchmarks/microbench.py --sweep): 4 warps throughout, 64
-    positions a tile once there are many programs, 32 while each program covers a short split.
-    FT_RUNNER_ATTN="block_t,min_programs,warps" overrides (for tuning)."""
-    programs = rows * heads
-    block_t = 64 if programs >= 256 and block_d <= 256 else 32
-    min_programs, warps = (2048 if programs <= 512 else 1024), 4
+# ---------------------------------------------------------------------------------------------
+# few-row GEMM (batched decode): swap-AB and split-K on tensor cores
+
+
+@triton.jit
+def _skinny_tile(rows, k, k_stop, row_mask, EVEN_K: tl.constexpr):
+    """Columns k of the rows at `rows` (pointers, one per row)."""
+    if EVEN_K:
+        return tl.load(rows + k[None, :], mask=row_mask[:, None], other=0.0)
+    return tl.load(rows + k[None, :], mask=row_mask[:, None] & (k < k_stop)[None, :], other=0.0)
+
+
+@triton.jit
+def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, part_ptr, count_ptr, M, N, K, k_chunk, splits,
+                        stride_x, stride_w, stride_res, stride_out, act_cols,
+                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
+                        EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        IEEE: tl.constexpr, PDL: tl.constexpr):
+    """out (M, N) = act(x W^T + b) + residual for a few rows x (M <= BLOCK_M), W (N, K), as ops.linear.
+
+    Swap-AB: a program multiplies a [BLOCK_N, BLOCK_K] weight tile by the rows' [BLOCK_M, BLOCK_K]
+    tile transposed, so the weight rows fill the MMA's 64-row side and the few token rows its narrow
+    side. Split-K: program (n, s) covers columns [s k_chunk, (s + 1) k_chunk) so that a weight of
+    few rows still keeps the GPU reading. Each writes its fp32 [BLOCK_N, BLOCK_M] partial; the last
+    of a column tile to finish (an atomic count) adds them up in split order (the result does not
+    depend on timing), applies bias, activation and residual, and resets the count. GATED: rows
+    [0, N) are the gate and [N, 2N) the up projection; out = act(gate) * up.
+
+    (A norm folded in here, x normalised tile by tile from row sums left by the GEMM before, made
+    whole steps slower on an H200: gpt2-medium batch 32 1.08 -> 1.36 ms, GPT-J 4.0 -> 5.5.)"""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    m = tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + n[:, None] * stride_w
+    x_rows = x_ptr + m[:, None] * stride_x
+    _wait_for_inputs(PDL)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_start = pid_k * k_chunk
+    k_stop = tl.minimum(k_start + k_chunk, K)
+    for k0 in range(k_start, k_stop, BLOCK_K):
+        x = tl.trans(_skinny_tile(x_rows, k0 + k, k_stop, m_mask, EVEN_K))
+        w = _skinny_tile(w_rows, k0 + k, k_stop, n_mask, EVEN_K)
+        acc = tl.dot(w, x, acc, input_precision="ieee" if IEEE else None)
+        if GATED:
+            u = _skinny_tile(w_rows + N * stride_w, k0 + k, k_stop, n_mask, EVEN_K)
+            acc_up = tl.dot(u, x, acc_up, input_precision="ieee" if IEEE else None)
+    if splits == 1:
+        _skinny_epilogue(acc, acc_up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, N, stride_res, stride_out,
+                         act_cols, HAS_BIAS, ACT, GATED, HAS_RES)
+    else:
+        SLOT: tl.constexpr = BLOCK_N * BLOCK_M * (2 if GATED else 1)
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + m[None, :]
+        mine = part_ptr + (pid_n * splits + pid_k) * SLOT
+        tl.store(mine + tile, acc)
+        if GATED:
+            tl.store(mine + BLOCK_N * BLOCK_M + tile, acc_up)
+        done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == splits - 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for s in range(splits):
+                slot = part_ptr + (pid_n * splits + s) * SLOT
+                acc += tl.load(slot + tile, cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(slot + BLOCK_N * BLOCK_M + tile, cache_modifier=".cg")
+            tl.store(count_ptr + pid_n, 0)
+            _skinny_epilogue(acc, acc_up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, N, stride_res,
+                             stride_out, act_cols, HAS_BIAS, ACT, GATED, HAS_RES)
+
+
+@triton.jit
+def _skinny_epilogue(y, up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, N, stride_res, stride_out, act_cols,
+                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr):
+    """Bias, activation and residual on the fp32 tile y [BLOCK_N, BLOCK_M]; stored transposed."""
+    if HAS_BIAS:
+        y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if GATED:
+        if HAS_BIAS:
+            up += tl.load(b_ptr + N + n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        y = _activate(y, ACT) * up
+    elif ACT != 0:
+        y = tl.where((n < act_cols)[:, None], _activate(y, ACT), y)
+    mask = n_mask[:, None] & m_mask[None, :]
+    if HAS_RES:
+        y += tl.load(res_ptr + m[None, :] * stride_res + n[:, None], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + m[None, :] * stride_out + n[:, None], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+SKINNY_MAX_ROWS = 64  # ops.linear takes the few-row GEMM for 2..64 rows on GPUs
+
+
+def _skinny_config(N: int, K: int, rows: int, gated: bool, elem: int, sms: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, splits, num_warps, num_stages), from an H200 sweep (benchmarks/microbench.py
+    --sweep --parts skinny, 32 and 64 rows). Each split's partial adds traffic (2 BLOCK_M / k_chunk
+    of its weight bytes) and its reduction adds latency, so K is split only while the programs stay
+    under half the SMs (GPT-2's 1024x1024 and 1024x4096 projections: 4 splits; 3072 rows or more:
+    none), or under all of them for long rows (K >= 8192: GPT-J's output projection, Llama's down:
+    2). Stages are cut to what fits in 112 KB of shared memory, so that two programs share an SM
+    (at 64 rows, the 28672x4096 input projections of GPT-J and Llama: 68 us with 4 stages, 62 with
+    3). FT_RUNNER_SKINNY="block_n,block_k,splits,warps,stages" overrides (for tuning)."""
+    block_n, block_k, warps, stages = 64, 128, 4, 4
+    block_k = min(block_k, max(16, next_pow2(K)))
+    tiles = triton.cdiv(N, block_n)
+    splits = 1
+    while K // (2 * splits) >= 256 and 2 * splits * tiles <= (sms if K >= 8192 else sms // 2):
+        splits *= 2
+    if os.environ.get("FT_RUNNER_SKINNY"):
+        block_n, block_k, splits, warps, stages = (int(v) for v in os.environ["FT_RUNNER_SKINNY"].split(","))
+    stage_bytes = (block_n * (2 if gated else 1) + max(16, next_pow2(rows))) * block_k * elem
+    stages = max(1, min(stages, (112 << 10) // stage_bytes))
+    return block_n, block_k, splits, warps, stages
+
+
+@functools.cache
+def _sm_count(index) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 132
+
+
+def skinny_linear(x, weight, bias, act, gated, act_cols, out, residual=None):
+    """See ops.linear (2 <= M <= SKINNY_MAX_ROWS, no norm)."""
+    M, K = x.shape
+    N = weight.shape[0] // (2 if gated else 1)
+    assert x.stride(-1) == 1 and weight.stride(1) == 1 and M <= SKINNY_MAX_ROWS
+    if out is None:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    block_n, block_k, splits, warps, stages = _skinny_config(N, K, M, gated, x.element_size(),
+                                                              _sm_count(x.device.index))
+    block_m = max(16, next_pow2(M))
+    k_chunk = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    splits = triton.cdiv(K, k_chunk)
+    tiles = triton.cdiv(N, block_n)
+    part = x if splits == 1 else torch.empty(tiles * splits * block_n * block_m * (2 if gated else 1),
+                                             dtype=torch.float32, device=x.device)
+    on = pdl(x.device, tiles * splits)
+    _skinny_gemm_kernel[(tiles, splits)](
+        x, weight, bias if bias is not None else weight, residual if residual is not None else x, out, part,
+        _counters(x.device, tiles), M, N, K, k_chunk, splits, x.stride(0), weight.stride(0),
+        residual.stride(0) if residual is not None else 0, out.stride(0), N if act_cols is None else act_cols,
+        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=gated, HAS_RES=residual is not None,
+        EVEN_K=K % block_k == 0, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# decode attention: one new token per row, rotary, KV-cache append, GQA
+
+
+@triton.jit
+def _rope(x_ptr, d, x, pos, cos_ptr, sin_ptr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr, mask):
+    """Rotate the first ROT features of x (fp32, loaded from x_ptr + d where `mask`) by position pos."""
+    HALF: tl.constexpr = ROT // 2
+    if INTERLEAVED:  # GPT-J: pairs (2i, 2i+1)
+        partner = d ^ 1
+        sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        freq = d // 2
+    else:  # GPT-NeoX / Llama: pairs (i, i + ROT/2)
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+        freq = d % HALF
+    rot = d < ROT
+    other = tl.load(x_ptr + partner, mask=rot & mask, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + pos * HALF + freq, mask=rot, other=1.0)
+    sin = tl.load(sin_ptr + pos * HALF + freq, mask=rot, other=0.0)
+    return tl.where(rot, x * cos + sign * other * sin, x)
+
+
+@triton.jit
+def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct,
+                                 pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, part_ptr, count_ptr, scale,
+                                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+    """Program (b, hkv, split) attends for all the query heads of KV head hkv at once, the rows of a
+    [BLOCK_M, BLOCK_D] tile (padded to 16 rows for the tensor cores), so each key and value tile is
+    read once per KV head. It covers its share of the row's cached positions [0, pos) (the splits
+    divide them evenly, whatever the cache's length); split 0 also attends to the new token, from
+    registers, and appends it to the cache. With several splits each writes (acc, max, sum) per
+    head to `part`; the last of a (b, hkv) to finish, as counted by an atomic, merges them
+    (flash-decoding without a second launch) and resets the counter."""
+    b = tl.program_id(0)
+    hkv = tl.program_id(1)
+    split = tl.program_id(2)
+    GROUP: tl.constexpr = HQ // HKV
+    IEEE: tl.constexpr = k_cache.dtype.element_ty == tl.float32
+    _wait_for_inputs(PDL)
+    pos = tl.load(pos_ptr + b).to(tl.int32)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    r = tl.arange(0, BLOCK_M)
+    rm = r < GROUP
+    hq = hkv * GROUP + r
+    row = qkv_ptr + b * stride_qkv
+    q_rows = row + hq[:, None] * D
+    qm = rm[:, None] & dm[None, :]
+    q = tl.load(q_rows + d[None, :], mask=qm, other=0.0).to(tl.float32)
+    if ROT > 0:
+        q = _rope(q_rows, d[None, :], q, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED, qm)
+    q = (q * scale).to(k_cache.dtype.element_ty)
+    base = b * stride_cb + hkv * stride_ch
+    if split == 0:  # the new token, from registers; appended to the cache
+        k_row = row + (HQ + hkv) * D
+        k_new = tl.load(k_row + d, mask=dm, other=0.0).to(tl.float32)
+        if ROT > 0:
+            k_new = _rope(k_row, d, k_new, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED, dm)
+        k_new = k_new.to(k_cache.dtype.element_ty)
+        v_new = tl.load(row + (HQ + HKV + hkv) * D + d, mask=dm, other=0.0).to(v_cache.dtype.element_ty)
+        tl.store(k_cache + base + pos * stride_ct + d, k_new, mask=dm)
+        tl.store(v_cache + base + pos * stride_ct + d, v_new, mask=dm)
+        m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1)
+        l_sum = m * 0.0 + 1.0
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+    else:
+        l_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        m = l_sum + float("-inf")
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    chunk = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK_T) * BLOCK_T
+    start = split * chunk
+    stop = tl.minimum(start + chunk, pos)
+    t_offs = tl.arange(0, BLOCK_T)
+    for t0 in range(start, stop, BLOCK_T):
+        t = t0 + t_offs
+        tm = t < stop
+        offs = base + t[:, None] * stride_ct + d[None, :]
+        k = tl.load(k_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None)
+        s = tl.where(tm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        v = tl.load(v_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IEEE else None)
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        m = m_new
+    out = out_ptr + b * stride_out + hq[:, None] * D + d[None, :]
+    if SPLITS == 1:
+        tl.store(out, (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty), mask=qm)
+    else:
+        heads = b * HQ + hq  # (BLOCK_M,): padding rows fall outside this row's heads
+        slots = part_ptr + (heads * SPLITS + split) * (BLOCK_D + 2)
+        tl.store(slots[:, None] + d[None, :], acc, mask=rm[:, None])
+        tl.store(slots + BLOCK_D, m, mask=rm)
+        tl.store(slots + BLOCK_D + 1, l_sum, mask=rm)
+        group = b * HKV + hkv
+        done = tl.atomic_add(count_ptr + group, 1, sem="acq_rel", scope="gpu")
+        if done == SPLITS - 1:
+            first = part_ptr + heads * SPLITS * (BLOCK_D + 2)
+            m_max = tl.load(first + BLOCK_D, mask=rm, other=0.0, cache_modifier=".cg")
+            for j in tl.static_range(1, SPLITS):
+                m_j = tl.load(first + j * (BLOCK_D + 2) + BLOCK_D, mask=rm, other=0.0, cache_modifier=".cg")
+                m_max = tl.maximum(m_max, m_j)
+            total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            norm = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for j in tl.static_range(SPLITS):
+                slot = first + j * (BLOCK_D + 2)  # split 0 holds the new token: m_max is finite
+                w = tl.exp(tl.load(slot + BLOCK_D, mask=rm, other=0.0, cache_modifier=".cg") - m_max)
+                norm += w * tl.load(slot + BLOCK_D + 1, mask=rm, other=0.0, cache_modifier=".cg")
+                total += w[:, None] * tl.load(slot[:, None] + d[None, :], mask=rm[:, None], other=0.0,
+                                              cache_modifier=".cg")
+            tl.store(out, (total / norm[:, None]).to(out_ptr.dtype.element_ty), mask=qm)
+            tl.store(count_ptr + group, 0)
+
+
+def _attention_config(rows: int, kv_heads: int, block_d: int, max_len: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, SPLITS, num_warps, num_stages). Splits until there are `min_programs` programs
+    (while each split keeps two tiles of positions). From an H200 sweep (benchmarks/microbench.py
+    --attention, rows at positions 128..255): 64 positions a tile up to 128 features, 32 beyond;
+    1024 programs for 64-feature heads, 512 for wider ones. FT_RUNNER_ATTN=
+    "block_t,min_programs,warps,stages" overrides (for tuning)."""
+    block_t, min_programs, warps, stages = (64 if block_d <= 128 else 32), (1024 if block_d <= 64 else 512), 4, 2
     if os.environ.get("FT_RUNNER_ATTN"):
-        block_t, min_programs, warps = (int(v) for v in os.environ["FT_RUNNER_ATTN"].split(","))
+        block_t, min_programs, warps, stages = (int(v) for v in os.environ["FT_RUNNER_ATTN"].split(","))
+    programs = rows * kv_heads
     splits = 1
     while programs * splits < min_programs and splits < 16 and splits * 2 * block_t <= max_len:
         splits *= 2
-    return block_t, splits, warps
+    return block_t, splits, warps, stages
 
 
 def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale, rotary, out):
     """See ops.decode_attention."""
     B = qkv.shape[0]
-    block_d = next_pow2(head_dim)
+    block_d = max(16, next_pow2(head_dim))
     cos, sin, rot, interleaved = rotary if rotary is not None else (qkv, qkv, 0, False)
-    max_len = k_cache.shape[2]
-    block_t, splits, warps = _attention_config(B, heads, block_d, max_len)
-    chunk = triton.cdiv(triton.cdiv(max_len, splits), block_t) * block_t
+    block_t, splits, warps, stages = _attention_config(B, kv_heads, block_d, k_cache.shape[2])
     part = torch.empty((B * heads * splits * (block_d + 2),) if splits > 1 else (1,), dtype=torch.float32,
                        device=qkv.device)
-    on = pdl(qkv.device, B * heads * splits)
-    _decode_attention_kernel[(B, heads, splits)](
+    on = pdl(qkv.device, B * kv_heads * splits)
+    _decode_attention_kernel[(B, kv_heads, splits)](
         qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        positions, cos, sin, out, out.stride(0), part, _counters(qkv.device, B * heads), scale,
+        positions, cos, sin, out, out.stride(0), part, _counters(qkv.device, B * kv_heads), scale,
         HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=block_d, ROT=rot, INTERLEAVED=interleaved,
-        BLOCK_T=block_t, SPLITS=splits, CHUNK=chunk, PDL=on, launch_pdl=on, num_warps=warps)
+        BLOCK_T=block_t, BLOCK_M=max(16, next_pow2(heads // kv_heads)), SPLITS=splits, PDL=on, launch_pdl=on,
+        num_warps=warps, num_stages=stages)
     return out
 
 
