@@ -1,9 +1,11 @@
 """The Triton kernels behind `ft_runner.kernels.ops` (imported only where Triton is used).
 
-All of them are memory-bound decode kernels: one row (or one (row, head)) per program, fp32
-arithmetic on fp16/bf16/fp32 storage, no atomics, no host-side values that change per step (so
-they can be captured in CUDA graphs: per-step values such as positions and the step counter are
-read from device memory).
+All of them are memory-bound decode kernels: fp32 arithmetic (tensor-core products with fp32
+accumulation in the few-row GEMM and the attention) on fp16/bf16/fp32 storage, and no host-side
+values that change per step (so they can be captured in CUDA graphs: per-step values such as
+positions and the step counter are read from device memory). Kernels split over several programs
+merge in the last one to finish, counted by an atomic, in a fixed order (results never depend
+on timing).
 """
 
 from __future__ import annotations
@@ -339,7 +341,8 @@ _COUNTERS: dict = {}
 
 
 def _counters(device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters that every attention launch leaves zeroed again (shared by all layers)."""
+    """Zeroed int32 counters that every launch counting on them (attention, the few-row GEMM's
+    splits) leaves zeroed again; shared by all layers, one kernel after another."""
     have = _COUNTERS.get(device)
     if have is None or have.numel() < count:
         have = _COUNTERS[device] = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
@@ -521,10 +524,10 @@ def _rope(x_ptr, d, x, pos, cos_ptr, sin_ptr, ROT: tl.constexpr, INTERLEAVED: tl
 
 @triton.jit
 def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct,
-                                 pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, part_ptr, count_ptr, scale,
-                                 HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 BLOCK_M: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+                             pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, part_ptr, count_ptr, scale,
+                             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
+                             BLOCK_M: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Program (b, hkv, split) attends for all the query heads of KV head hkv at once, the rows of a
     [BLOCK_M, BLOCK_D] tile (padded to 16 rows for the tensor cores), so each key and value tile is
     read once per KV head. It covers its share of the row's cached positions [0, pos) (the splits
@@ -618,7 +621,7 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
 def _attention_config(rows: int, kv_heads: int, block_d: int, max_len: int) -> tuple[int, int, int, int]:
     """(BLOCK_T, SPLITS, num_warps, num_stages). Splits until there are `min_programs` programs
     (while each split keeps two tiles of positions). From an H200 sweep (benchmarks/microbench.py
-    --attention, rows at positions 128..255): 64 positions a tile up to 128 features, 32 beyond;
+    --sweep --parts attention, rows at positions 128..255): 64 positions a tile up to 128 features, 32 beyond;
     1024 programs for 64-feature heads, 512 for wider ones. FT_RUNNER_ATTN=
     "block_t,min_programs,warps,stages" overrides (for tuning)."""
     block_t, min_programs, warps, stages = (64 if block_d <= 128 else 32), (1024 if block_d <= 64 else 512), 4, 2
