@@ -164,7 +164,8 @@ def bench_attention(sweep: bool) -> None:
         t = timed()
         line = f"attention {name:<6} B={batch:<3} {t:7.1f} us {kv_bytes / t / 1e3:5.0f} GB/s"
         if sweep:
-            best = min((timed(c), c) for c in configs if c[0] * dim <= 16384 and (c[0] >= 32 or dim >= 128) and (c[0] <= 64 or dim <= 64))
+            tiles = [c for c in configs if c[0] * dim <= 16384 and (c[0] >= 32 or dim >= 128) and (c[0] <= 64 or dim <= 64)]
+            best = min((timed(c), c) for c in tiles)
             line += f" | best {best[0]:7.1f} us {kv_bytes / best[0] / 1e3:5.0f} GB/s {best[1]}"
         print(line, flush=True)
 
