@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ft_runner.kernels import use_triton
+from ft_runner.model.layers import vocab_slice_lookup
 
 
 def _triton():
@@ -25,9 +26,7 @@ def embed(ids, positions, wte, start: int = 0, wpe=None):
     vocabulary slice [start, start + rows)), plus wpe[positions] when the model learns positions."""
     if use_triton(wte):
         return _triton().embed(ids, positions, wte, start, wpe)
-    local = ids - start
-    inside = (local >= 0) & (local < wte.shape[0])
-    h = F.embedding(local.clamp(0, wte.shape[0] - 1), wte).float() * inside[:, None]
+    h = vocab_slice_lookup(ids, wte, start).float()
     if wpe is not None:
         h = h + F.embedding(positions, wpe).float()
     return h.to(wte.dtype)

@@ -43,6 +43,13 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def vocab_slice_lookup(ids, weight, start: int) -> torch.Tensor:
+    """Rows weight[ids - start], zero for ids outside this rank's vocabulary slice [start, start + rows)."""
+    local = ids - start
+    inside = (local >= 0) & (local < weight.shape[0])
+    return F.embedding(local.clamp(0, weight.shape[0] - 1), weight) * inside.unsqueeze(-1).to(weight.dtype)
+
+
 class VocabParallelEmbedding(nn.Module):
     """Each rank holds rows [start, start + local) of the (padded) vocabulary."""
 
@@ -53,10 +60,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(vocab_local, hidden), requires_grad=False)
 
     def forward(self, ids):
-        local = ids - self.start
-        inside = (local >= 0) & (local < self.weight.shape[0])
-        out = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight)
-        return all_reduce(out * inside.unsqueeze(-1).to(out.dtype), self.group)
+        return all_reduce(vocab_slice_lookup(ids, self.weight, self.start), self.group)
 
 
 class ParallelLMHead(nn.Module):
