@@ -91,12 +91,10 @@ def linear(x, weight, bias=None, act: str | None = None, gated: bool = False, ac
     """
     if use_triton(x) and x.shape[0] == 1 and os.environ.get("FT_RUNNER_GEMV", "") != "cublas":
         return _triton().gemv(x, weight, bias, act, gated, act_cols, out, norm, residual)
-    if _few_rows(x):
-        if norm is not None:
-            x = add_norm(x, None, None, *norm[:4])[1]
-        return _triton().skinny_linear(x, weight, bias, act, gated, act_cols, out, residual)
     if norm is not None:
         x = add_norm(x, None, None, *norm[:4])[1]
+    if _few_rows(x):
+        return _triton().skinny_linear(x, weight, bias, act, gated, act_cols, out, residual)
     if use_triton(x):
         if act is None and out is None and residual is None:
             return F.linear(x, weight, bias)
