@@ -464,7 +464,8 @@ def _skinny_config(N: int, K: int, rows: int, gated: bool, elem: int, sms: int) 
     if os.environ.get("FT_RUNNER_SKINNY"):
         block_n, block_k, splits, warps, stages = (int(v) for v in os.environ["FT_RUNNER_SKINNY"].split(","))
     stage_bytes = (block_n * (2 if gated else 1) + max(16, next_pow2(rows))) * block_k * elem
-    stages = max(1, min(stages, ((112 if tiles * splits > sms else 160) << 10) // stage_bytes))
+    programs = triton.cdiv(N, block_n) * splits
+    stages = max(1, min(stages, ((112 if programs > sms else 160) << 10) // stage_bytes))
     return block_n, block_k, splits, warps, stages
 
 
