@@ -20,17 +20,23 @@ from ft_runner.kernels import ops
 
 
 @contextlib.contextmanager
-def reference():
-    """Run ops.* through their torch references inside this block."""
-    saved = os.environ.get("FT_RUNNER_TRITON")
-    os.environ["FT_RUNNER_TRITON"] = "0"
+def setenv(name: str, value: str | None):
+    """Set the environment variable `name` to `value` inside this block (None: leave it as it is)."""
+    saved = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop("FT_RUNNER_TRITON")
+            os.environ.pop(name, None)
         else:
-            os.environ["FT_RUNNER_TRITON"] = saved
+            os.environ[name] = saved
+
+
+def reference():
+    """Run ops.* through their torch references inside this block."""
+    return setenv("FT_RUNNER_TRITON", "0")
 
 
 def rel_err(got, want) -> float:
@@ -88,7 +94,7 @@ def check_linear(device, dtype, M: int, act, gated=False, act_cols=None, norm=No
     return rel_err(got, want)
 
 
-def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved, batch=4) -> float:
+def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved, batch=4, config=None) -> float:
     B, T = batch, 300
     qkv = torch.randn(B, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
     caches = [torch.randn(B + 1, kv_heads, T, head_dim, device=device, dtype=dtype) for _ in range(2)]
@@ -99,7 +105,8 @@ def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved, 
         rotary = (*ops.rope_tables(inv_freq, T), rot, interleaved)
     ref_caches = [c.clone() for c in caches]
     out = torch.full((B, heads * head_dim), float("nan"), device=device, dtype=dtype)
-    got = ops.decode_attention(qkv, *caches, positions, heads, kv_heads, head_dim, head_dim ** -0.5, rotary, out)
+    with setenv("FT_RUNNER_ATTN", config):
+        got = ops.decode_attention(qkv, *caches, positions, heads, kv_heads, head_dim, head_dim ** -0.5, rotary, out)
     with reference():
         want = ops.decode_attention(qkv, *ref_caches, positions, heads, kv_heads, head_dim, head_dim ** -0.5, rotary)
     return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches, strict=True)))
@@ -160,10 +167,13 @@ def run(device: str) -> bool:
                                lambda d=dtype, m=M, n=norm, r=residual, a=act, g=gated: check_linear(
                                    device, d, m, a, g, None, n, r),
                                tol[dtype]))
-        for shape in ((4, 4, 64, 0, False), (2, 2, 256, 64, True), (8, 2, 128, 128, False), (1, 1, 64, 0, False)):
-            for batch in (4, 1):
-                checks.append((f"attention {dtype} B={batch} heads/kv/dim/rot/interleaved={shape}",
-                               lambda d=dtype, s=shape, b=batch: check_attention(device, d, *s, batch=b), tol[dtype]))
+        # configs (FT_RUNNER_ATTN): the default; KV heads packed 4 to a program, split; packed 2, whole rows
+        for config in (None, "16,4,1024,4,2", "16,2,1,4,2"):
+            for shape in ((4, 4, 64, 0, False), (2, 2, 256, 64, True), (8, 2, 128, 128, False), (1, 1, 64, 0, False)):
+                for batch in (4, 1):
+                    checks.append((f"attention {dtype} B={batch} heads/kv/dim/rot/interleaved={shape} config={config}",
+                                   lambda d=dtype, s=shape, b=batch, c=config: check_attention(device, d, *s, b, c),
+                                   tol[dtype]))
     checks.append(("greedy_step", lambda: check_greedy(device), 1e-5))
     checks.append(("greedy_step large vocab", lambda: check_greedy(device, vocab=50257), 1e-5))
     ok = True

@@ -528,26 +528,33 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
                              pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, part_ptr, count_ptr, scale,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
-                             BLOCK_M: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-    """Program (b, hkv, split) attends for all the query heads of KV head hkv at once, the rows of a
-    [BLOCK_M, BLOCK_D] tile (padded to 16 rows for the tensor cores), so each key and value tile is
-    read once per KV head. It covers its share of the row's cached positions [0, pos) (the splits
-    divide them evenly, whatever the cache's length); split 0 also attends to the new token, from
-    registers, and appends it to the cache. With several splits each writes (acc, max, sum) per
-    head to `part`; the last of a (b, hkv) to finish, as counted by an atomic, merges them
+                             KV_PER_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
+                             PDL: tl.constexpr):
+    """Program (b, g, split) attends for KV_PER_PROGRAM KV heads (g's) and all their query heads at
+    once, the rows of a [BLOCK_M, BLOCK_D] tile (padded to 16 rows for the tensor cores), so each key
+    and value is read once. A key tile holds BLOCK_T positions of each of those KV heads; a row's
+    scores against the other heads' keys are masked out (the tensor cores do KV_PER_PROGRAM times
+    the needed products, which is cheap next to the loads, and short programs of small heads get
+    enough bytes in flight). The program covers its share of the row's cached positions [0, pos)
+    (the splits divide them evenly, whatever the cache's length); split 0 also attends to the new
+    token, from registers, and appends it to the cache. With several splits each writes (acc, max,
+    sum) per head to `part`; the last of a (b, g) to finish, as counted by an atomic, merges them
     (flash-decoding without a second launch) and resets the counter."""
     b = tl.program_id(0)
-    hkv = tl.program_id(1)
+    g = tl.program_id(1)
     split = tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
+    ROWS: tl.constexpr = KV_PER_PROGRAM * GROUP
     IEEE: tl.constexpr = k_cache.dtype.element_ty == tl.float32
     _wait_for_inputs(PDL)
     pos = tl.load(pos_ptr + b).to(tl.int32)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     r = tl.arange(0, BLOCK_M)
-    rm = r < GROUP
-    hq = hkv * GROUP + r
+    rm = r < ROWS
+    hq = g * ROWS + r
+    r_kv = tl.minimum(r // GROUP, KV_PER_PROGRAM - 1)  # each row's KV head in the program (padding: the last)
+    hkv = g * KV_PER_PROGRAM + r_kv
     row = qkv_ptr + b * stride_qkv
     q_rows = row + hq[:, None] * D
     qm = rm[:, None] & dm[None, :]
@@ -555,19 +562,21 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     if ROT > 0:
         q = _rope(q_rows, d[None, :], q, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED, qm)
     q = (q * scale).to(k_cache.dtype.element_ty)
-    base = b * stride_cb + hkv * stride_ch
-    if split == 0:  # the new token, from registers; appended to the cache
-        k_row = row + (HQ + hkv) * D
-        k_new = tl.load(k_row + d, mask=dm, other=0.0).to(tl.float32)
+    if split == 0:  # the new token, from registers; each KV head's first row appends it to the cache
+        k_rows = row + (HQ + hkv)[:, None] * D
+        k_new = tl.load(k_rows + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
         if ROT > 0:
-            k_new = _rope(k_row, d, k_new, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED, dm)
+            k_new = _rope(k_rows, d[None, :], k_new, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED, dm[None, :])
         k_new = k_new.to(k_cache.dtype.element_ty)
-        v_new = tl.load(row + (HQ + HKV + hkv) * D + d, mask=dm, other=0.0).to(v_cache.dtype.element_ty)
-        tl.store(k_cache + base + pos * stride_ct + d, k_new, mask=dm)
-        tl.store(v_cache + base + pos * stride_ct + d, v_new, mask=dm)
-        m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1)
+        v_new = tl.load(row + (HQ + HKV + hkv)[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
+        v_new = v_new.to(v_cache.dtype.element_ty)
+        slot = (b * stride_cb + hkv * stride_ch + pos * stride_ct)[:, None] + d[None, :]
+        appends = (rm & (r % GROUP == 0))[:, None] & dm[None, :]
+        tl.store(k_cache + slot, k_new, mask=appends)
+        tl.store(v_cache + slot, v_new, mask=appends)
+        m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1)
         l_sum = m * 0.0 + 1.0
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+        acc = v_new.to(tl.float32)
     else:
         l_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m = l_sum + float("-inf")
@@ -575,14 +584,16 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     chunk = tl.cdiv(tl.cdiv(pos, SPLITS), BLOCK_T) * BLOCK_T
     start = split * chunk
     stop = tl.minimum(start + chunk, pos)
-    t_offs = tl.arange(0, BLOCK_T)
+    j = tl.arange(0, KV_PER_PROGRAM * BLOCK_T)  # key j: position j % BLOCK_T of the tile, of KV head j // BLOCK_T
+    key_rows = b * stride_cb + (g * KV_PER_PROGRAM + j // BLOCK_T) * stride_ch
+    own = r_kv[:, None] == (j // BLOCK_T)[None, :]
     for t0 in range(start, stop, BLOCK_T):
-        t = t0 + t_offs
+        t = t0 + j % BLOCK_T
         tm = t < stop
-        offs = base + t[:, None] * stride_ct + d[None, :]
+        offs = (key_rows + t * stride_ct)[:, None] + d[None, :]
         k = tl.load(k_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None)
-        s = tl.where(tm[None, :], s, float("-inf"))
+        s = tl.where(own & tm[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -594,23 +605,23 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     if SPLITS == 1:
         tl.store(out, (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty), mask=qm)
     else:
-        heads = b * HQ + hq  # (BLOCK_M,): padding rows fall outside this row's heads
+        heads = b * HQ + hq  # (BLOCK_M,): padding rows fall outside this program's heads
         slots = part_ptr + (heads * SPLITS + split) * (BLOCK_D + 2)
         tl.store(slots[:, None] + d[None, :], acc, mask=rm[:, None])
         tl.store(slots + BLOCK_D, m, mask=rm)
         tl.store(slots + BLOCK_D + 1, l_sum, mask=rm)
-        group = b * HKV + hkv
+        group = b * (HKV // KV_PER_PROGRAM) + g
         done = tl.atomic_add(count_ptr + group, 1, sem="acq_rel", scope="gpu")
         if done == SPLITS - 1:
             first = part_ptr + heads * SPLITS * (BLOCK_D + 2)
             m_max = tl.load(first + BLOCK_D, mask=rm, other=0.0, cache_modifier=".cg")
-            for j in tl.static_range(1, SPLITS):
-                m_j = tl.load(first + j * (BLOCK_D + 2) + BLOCK_D, mask=rm, other=0.0, cache_modifier=".cg")
-                m_max = tl.maximum(m_max, m_j)
+            for i in tl.static_range(1, SPLITS):
+                m_i = tl.load(first + i * (BLOCK_D + 2) + BLOCK_D, mask=rm, other=0.0, cache_modifier=".cg")
+                m_max = tl.maximum(m_max, m_i)
             total = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
             norm = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for j in tl.static_range(SPLITS):
-                slot = first + j * (BLOCK_D + 2)  # split 0 holds the new token: m_max is finite
+            for i in tl.static_range(SPLITS):
+                slot = first + i * (BLOCK_D + 2)  # split 0 holds the new token: m_max is finite
                 w = tl.exp(tl.load(slot + BLOCK_D, mask=rm, other=0.0, cache_modifier=".cg") - m_max)
                 norm += w * tl.load(slot + BLOCK_D + 1, mask=rm, other=0.0, cache_modifier=".cg")
                 total += w[:, None] * tl.load(slot[:, None] + d[None, :], mask=rm[:, None], other=0.0,
@@ -619,20 +630,31 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
             tl.store(count_ptr + group, 0)
 
 
-def _attention_config(rows: int, kv_heads: int, block_d: int, max_len: int) -> tuple[int, int, int, int]:
-    """(BLOCK_T, SPLITS, num_warps, num_stages). Splits until there are `min_programs` programs
-    (while each split keeps two tiles of positions). From an H200 sweep (benchmarks/microbench.py
-    --sweep --parts attention, rows at positions 128..255): 64 positions a tile up to 128 features, 32 beyond;
-    1024 programs for 64-feature heads, 512 for wider ones. FT_RUNNER_ATTN=
-    "block_t,min_programs,warps,stages" overrides (for tuning)."""
-    block_t, min_programs, warps, stages = (64 if block_d <= 128 else 32), (1024 if block_d <= 64 else 512), 4, 2
+def _attention_config(rows: int, kv_heads: int, group: int, block_d: int, max_len: int):
+    """(BLOCK_T, KV_PER_PROGRAM, SPLITS, num_warps, num_stages), from an H200 sweep (benchmarks/
+    microbench.py --sweep --parts attention, rows at positions 128..255): tiles of 64 positions up
+    to 128 features and 32 beyond, split until there are 1024 programs (64-feature heads) or 512
+    (while each split keeps two tiles). 64-feature heads with 512 or more (row, KV head) pairs take
+    tiles of 128 keys instead, packing KV heads so that about 512 programs remain, unsplit (gpt2-medium at
+    batch 32: 12.2 -> 11.0 us a layer; at batch 64, two heads a program: 19.8 -> 18.0). A program
+    packs at most 16 query heads, from KV heads that divide kv_heads.
+    FT_RUNNER_ATTN="block_t,kv_per_program,min_programs,warps,stages" overrides (for tuning)."""
+    block_t, kv_per_program, min_programs, warps, stages = (64 if block_d <= 128 else 32), 1, 512, 4, 2
+    pairs = rows * kv_heads
+    if block_d <= 64 and pairs >= 512:
+        while pairs // (2 * kv_per_program) >= 512:
+            kv_per_program *= 2
+        block_t = max(16, 128 // kv_per_program)
+    elif block_d <= 64:
+        min_programs = 1024
     if os.environ.get("FT_RUNNER_ATTN"):
-        block_t, min_programs, warps, stages = (int(v) for v in os.environ["FT_RUNNER_ATTN"].split(","))
-    programs = rows * kv_heads
+        block_t, kv_per_program, min_programs, warps, stages = (int(v) for v in os.environ["FT_RUNNER_ATTN"].split(","))
+    while kv_per_program > 1 and (kv_heads % kv_per_program or kv_per_program * group > 16):
+        kv_per_program //= 2
     splits = 1
-    while programs * splits < min_programs and splits < 16 and splits * 2 * block_t <= max_len:
+    while pairs // kv_per_program * splits < min_programs and splits < 16 and splits * 2 * block_t <= max_len:
         splits *= 2
-    return block_t, splits, warps, stages
+    return block_t, kv_per_program, splits, warps, stages
 
 
 def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale, rotary, out):
@@ -640,16 +662,19 @@ def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim
     B = qkv.shape[0]
     block_d = max(16, next_pow2(head_dim))
     cos, sin, rot, interleaved = rotary if rotary is not None else (qkv, qkv, 0, False)
-    block_t, splits, warps, stages = _attention_config(B, kv_heads, block_d, k_cache.shape[2])
+    group = heads // kv_heads
+    block_t, kv_per_program, splits, warps, stages = _attention_config(B, kv_heads, group, block_d,
+                                                                       k_cache.shape[2])
     part = torch.empty((B * heads * splits * (block_d + 2),) if splits > 1 else (1,), dtype=torch.float32,
                        device=qkv.device)
-    on = pdl(qkv.device, B * kv_heads * splits)
-    _decode_attention_kernel[(B, kv_heads, splits)](
+    programs = (B, kv_heads // kv_per_program, splits)
+    on = pdl(qkv.device, programs[0] * programs[1] * splits)
+    _decode_attention_kernel[programs](
         qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         positions, cos, sin, out, out.stride(0), part, _counters(qkv.device, B * kv_heads), scale,
         HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=block_d, ROT=rot, INTERLEAVED=interleaved,
-        BLOCK_T=block_t, BLOCK_M=max(16, next_pow2(heads // kv_heads)), SPLITS=splits, PDL=on, launch_pdl=on,
-        num_warps=warps, num_stages=stages)
+        BLOCK_T=block_t, KV_PER_PROGRAM=kv_per_program, BLOCK_M=max(16, next_pow2(kv_per_program * group)),
+        SPLITS=splits, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
     return out
 
 
