@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import sys
 
@@ -70,7 +71,8 @@ def check_embed(device, dtype, start: int, learned_positions: bool) -> float:
     return rel_err(got, want)
 
 
-def check_linear(device, dtype, M: int, act, gated=False, act_cols=None, norm=None, residual=False) -> float:
+def check_linear(device, dtype, M: int, act, gated=False, act_cols=None, norm=None, residual=False,
+                 config=None) -> float:
     N, K = 200, 328  # neither a multiple of the blocks
     w = torch.randn(2 * N if gated else N, K, device=device, dtype=dtype) / K ** 0.5
     b = torch.randn(w.shape[0], device=device, dtype=dtype)
@@ -84,7 +86,8 @@ def check_linear(device, dtype, M: int, act, gated=False, act_cols=None, norm=No
         norm_args = (*norm_args, *ops.fold_norm(norm_args[0], norm_args[1], w))
     res = torch.randn(M, N, device=device, dtype=dtype) if residual else None
     wide = torch.full((M, N + 8), float("nan"), device=device, dtype=dtype)
-    got = ops.linear(x, w, b, act, gated, act_cols, out=wide[:, 8:], norm=norm_args, residual=res)
+    with setenv("FT_RUNNER_SKINNY", config):
+        got = ops.linear(x, w, b, act, gated, act_cols, out=wide[:, 8:], norm=norm_args, residual=res)
     with reference():
         up = (lambda t: None if t is None else t.float())  # noqa: E731
         ref_norm = None if norm_args is None else (up(norm_args[0]), up(norm_args[1]), *norm_args[2:4])
@@ -166,6 +169,13 @@ def run(device: str) -> bool:
                 checks.append((f"linear {dtype} M={M} norm={norm} residual={residual} act={act} gated={gated}",
                                lambda d=dtype, m=M, n=norm, r=residual, a=act, g=gated: check_linear(
                                    device, d, m, a, g, None, n, r),
+                               tol[dtype]))
+        # few-row GEMM configs (FT_RUNNER_SKINNY): 32-column tiles split 3 ways (K uneven); 64, split 6
+        for M, config in itertools.product((3, 33), ("32,128,4,4,4", "64,64,8,4,3")):
+            for act, gated, residual in ((None, False, True), ("gelu", False, False), ("silu", True, False)):
+                checks.append((f"linear {dtype} M={M} act={act} gated={gated} residual={residual} config={config}",
+                               lambda d=dtype, m=M, a=act, g=gated, r=residual, c=config: check_linear(
+                                   device, d, m, a, g, None, None, r, c),
                                tol[dtype]))
         # configs (FT_RUNNER_ATTN): the default; KV heads packed 4 to a program, split; packed 2, whole rows
         for config in (None, "16,4,1024,4,2", "16,2,1,4,2"):

@@ -444,6 +444,13 @@ def _skinny_epilogue(y, up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, N, st
 
 SKINNY_MAX_ROWS = 64  # ops.linear takes the few-row GEMM for 2..64 rows on GPUs
 
+# (N, K, rows padded to 32 or 64): the config where the sweep beat _skinny_config's rule by 5% or
+# more (H200, microbench.py --sweep --parts skinny --shapes gpt2m): GPT-2 medium's projections back
+# into the residual. 1024x1024 at 64 rows, unsplit: 5.7 -> 4.5 us (the split's partials cost as
+# much as the weight there); 1024x4096, 32-column tiles: 8.0 -> 7.4 (64 rows), 6.4 -> 6.0 (32).
+SKINNY_TUNED = {(1024, 1024, 32): (64, 256, 1, 4, 4), (1024, 1024, 64): (64, 128, 1, 4, 4),
+                (1024, 4096, 32): (32, 128, 4, 4, 4), (1024, 4096, 64): (32, 128, 4, 4, 4)}
+
 
 def _skinny_config(N: int, K: int, rows: int, gated: bool, elem: int, sms: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, splits, num_warps, num_stages), from an H200 sweep (benchmarks/microbench.py
@@ -461,6 +468,8 @@ def _skinny_config(N: int, K: int, rows: int, gated: bool, elem: int, sms: int) 
     splits = 1
     while K // (2 * splits) >= 256 and 2 * splits * tiles <= (sms if K >= 8192 else sms // 2):
         splits *= 2
+    block_n, block_k, splits, warps, stages = SKINNY_TUNED.get((N, K, max(16, next_pow2(rows))),
+                                                               (block_n, block_k, splits, warps, stages))
     if os.environ.get("FT_RUNNER_SKINNY"):
         block_n, block_k, splits, warps, stages = (int(v) for v in os.environ["FT_RUNNER_SKINNY"].split(","))
     stage_bytes = (block_n * (2 if gated else 1) + max(16, next_pow2(rows))) * block_k * elem
