@@ -563,7 +563,6 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     rm = r < ROWS
     hq = g * ROWS + r
     r_kv = tl.minimum(r // GROUP, KV_PER_PROGRAM - 1)  # each row's KV head in the program (padding: the last)
-    hkv = g * KV_PER_PROGRAM + r_kv
     row = qkv_ptr + b * stride_qkv
     q_rows = row + hq[:, None] * D
     qm = rm[:, None] & dm[None, :]
@@ -572,20 +571,23 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
         q = _rope(q_rows, d[None, :], q, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED, qm)
     q = (q * scale).to(k_cache.dtype.element_ty)
     if split == 0:  # the new token, from registers; each KV head's first row appends it to the cache
-        k_rows = row + (HQ + hkv)[:, None] * D
+        NEW_ROWS: tl.constexpr = 1 if KV_PER_PROGRAM == 1 else BLOCK_M  # one KV head: one row serves all
+        n_r = tl.arange(0, NEW_ROWS)
+        n_kv = g * KV_PER_PROGRAM + tl.minimum(n_r // GROUP, KV_PER_PROGRAM - 1)
+        k_rows = row + (HQ + n_kv)[:, None] * D
         k_new = tl.load(k_rows + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
         if ROT > 0:
             k_new = _rope(k_rows, d[None, :], k_new, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED, dm[None, :])
         k_new = k_new.to(k_cache.dtype.element_ty)
-        v_new = tl.load(row + (HQ + HKV + hkv)[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
+        v_new = tl.load(row + (HQ + HKV + n_kv)[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
         v_new = v_new.to(v_cache.dtype.element_ty)
-        slot = (b * stride_cb + hkv * stride_ch + pos * stride_ct)[:, None] + d[None, :]
-        appends = (rm & (r % GROUP == 0))[:, None] & dm[None, :]
+        slot = (b * stride_cb + n_kv * stride_ch + pos * stride_ct)[:, None] + d[None, :]
+        appends = ((n_r < ROWS) & (n_r % GROUP == 0))[:, None] & dm[None, :]
         tl.store(k_cache + slot, k_new, mask=appends)
         tl.store(v_cache + slot, v_new, mask=appends)
         m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1)
         l_sum = m * 0.0 + 1.0
-        acc = v_new.to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32) + v_new.to(tl.float32)
     else:
         l_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         m = l_sum + float("-inf")
@@ -594,15 +596,22 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     start = split * chunk
     stop = tl.minimum(start + chunk, pos)
     j = tl.arange(0, KV_PER_PROGRAM * BLOCK_T)  # key j: position j % BLOCK_T of the tile, of KV head j // BLOCK_T
-    key_rows = b * stride_cb + (g * KV_PER_PROGRAM + j // BLOCK_T) * stride_ch
-    own = r_kv[:, None] == (j // BLOCK_T)[None, :]
+    if KV_PER_PROGRAM == 1:
+        key_rows = b * stride_cb + g * stride_ch
+        key_t = j
+    else:
+        key_rows = b * stride_cb + (g * KV_PER_PROGRAM + j // BLOCK_T) * stride_ch
+        key_t = j % BLOCK_T
     for t0 in range(start, stop, BLOCK_T):
-        t = t0 + j % BLOCK_T
+        t = t0 + key_t
         tm = t < stop
         offs = (key_rows + t * stride_ct)[:, None] + d[None, :]
         k = tl.load(k_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None)
-        s = tl.where(own & tm[None, :], s, float("-inf"))
+        if KV_PER_PROGRAM == 1:
+            s = tl.where(tm[None, :], s, float("-inf"))
+        else:  # and each row against its own KV head's keys only
+            s = tl.where((r_kv[:, None] == (j // BLOCK_T)[None, :]) & tm[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
