@@ -203,7 +203,8 @@ def main() -> int:
     p.add_argument("--shapes", default="", help="few-row GEMM: only the shapes whose names start with this")
     args = p.parse_args()
     print(f"[microbench] {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    parts = {"gemv": bench_gemv, "skinny": lambda sweep: bench_skinny(sweep, args.shapes), "attention": bench_attention, "other": lambda _: bench_other()}
+    parts = {"gemv": bench_gemv, "skinny": lambda sweep: bench_skinny(sweep, args.shapes),
+             "attention": bench_attention, "other": lambda _: bench_other()}
     for part in args.parts.split(","):
         parts[part](args.sweep)
     return 0

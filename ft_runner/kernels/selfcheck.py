@@ -170,7 +170,8 @@ def run(device: str) -> bool:
                                lambda d=dtype, m=M, n=norm, r=residual, a=act, g=gated: check_linear(
                                    device, d, m, a, g, None, n, r),
                                tol[dtype]))
-        # few-row GEMM configs (FT_RUNNER_SKINNY): 32-column tiles split 3 ways (K uneven); 64, split 6
+        # few-row GEMM configs (FT_RUNNER_SKINNY): 32-column tiles, K split 3 ways (the last short);
+        # 64-column tiles, K split 6 ways in 64-wide steps
         for M, config in itertools.product((3, 33), ("32,128,4,4,4", "64,64,8,4,3")):
             for act, gated, residual in ((None, False, True), ("gelu", False, False), ("silu", True, False)):
                 checks.append((f"linear {dtype} M={M} act={act} gated={gated} residual={residual} config={config}",

@@ -446,8 +446,9 @@ SKINNY_MAX_ROWS = 64  # ops.linear takes the few-row GEMM for 2..64 rows on GPUs
 
 # (N, K, rows padded to 32 or 64): the config where the sweep beat _skinny_config's rule by 5% or
 # more (H200, microbench.py --sweep --parts skinny --shapes gpt2m): GPT-2 medium's projections back
-# into the residual. 1024x1024 at 64 rows, unsplit: 5.7 -> 4.5 us (the split's partials cost as
-# much as the weight there); 1024x4096, 32-column tiles: 8.0 -> 7.4 (64 rows), 6.4 -> 6.0 (32).
+# into the residual. 1024x1024 unsplit: 5.7 -> 4.5 us at 64 rows (there the split's partials cost as
+# much as the weight), 4.2 -> 3.9 at 32; 1024x4096 in 32-column tiles: 8.0 -> 7.4 (64 rows), 6.4 ->
+# 6.0 (32). Whole gpt2-medium steps: batch 32 0.912 -> 0.903 ms, batch 64 unchanged within noise.
 SKINNY_TUNED = {(1024, 1024, 32): (64, 256, 1, 4, 4), (1024, 1024, 64): (64, 128, 1, 4, 4),
                 (1024, 4096, 32): (32, 128, 4, 4, 4), (1024, 4096, 64): (32, 128, 4, 4, 4)}
 
@@ -548,7 +549,9 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     (the splits divide them evenly, whatever the cache's length); split 0 also attends to the new
     token, from registers, and appends it to the cache. With several splits each writes (acc, max,
     sum) per head to `part`; the last of a (b, g) to finish, as counted by an atomic, merges them
-    (flash-decoding without a second launch) and resets the counter."""
+    (flash-decoding without a second launch) and resets the counter. With one KV head a program
+    (the usual case) the new token is a single row and the scores need no head mask: the packed
+    form there cost GPT-J 5% a step."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -653,9 +656,9 @@ def _attention_config(rows: int, kv_heads: int, group: int, block_d: int, max_le
     microbench.py --sweep --parts attention, rows at positions 128..255): tiles of 64 positions up
     to 128 features and 32 beyond, split until there are 1024 programs (64-feature heads) or 512
     (while each split keeps two tiles). 64-feature heads with 512 or more (row, KV head) pairs take
-    tiles of 128 keys instead, packing KV heads so that about 512 programs remain, unsplit (gpt2-medium at
-    batch 32: 12.2 -> 11.0 us a layer; at batch 64, two heads a program: 19.8 -> 18.0). A program
-    packs at most 16 query heads, from KV heads that divide kv_heads.
+    tiles of 128 keys instead, packing KV heads so that about 512 programs remain, unsplit
+    (gpt2-medium at batch 32: 12.2 -> 11.0 us a layer; at batch 64, two heads a program: 19.8 ->
+    18.0). A program packs at most 16 query heads, from KV heads that divide kv_heads.
     FT_RUNNER_ATTN="block_t,kv_per_program,min_programs,warps,stages" overrides (for tuning)."""
     block_t, kv_per_program, min_programs, warps, stages = (64 if block_d <= 128 else 32), 1, 512, 4, 2
     pairs = rows * kv_heads
