@@ -11,6 +11,7 @@ on timing).
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -444,7 +445,7 @@ def _skinny_epilogue(y, up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, N, st
 
 SKINNY_MAX_ROWS = 64  # ops.linear takes the few-row GEMM for 2..64 rows on GPUs
 
-# (N, K, rows padded to 32 or 64): the config where the sweep beat _skinny_config's rule by 5% or
+# (N, K, BLOCK_M: the rows padded to 32 or 64): the config where the sweep beat _skinny_config's rule by 5% or
 # more (H200, microbench.py --sweep --parts skinny --shapes gpt2m): GPT-2 medium's projections back
 # into the residual. 1024x1024 unsplit: 5.7 -> 4.5 us at 64 rows (there the split's partials cost as
 # much as the weight), 4.2 -> 3.9 at 32; 1024x4096 in 32-column tiles: 8.0 -> 7.4 (64 rows), 6.4 ->
@@ -453,7 +454,7 @@ SKINNY_TUNED = {(1024, 1024, 32): (64, 256, 1, 4, 4), (1024, 1024, 64): (64, 128
                 (1024, 4096, 32): (32, 128, 4, 4, 4), (1024, 4096, 64): (32, 128, 4, 4, 4)}
 
 
-def _skinny_config(N: int, K: int, rows: int, gated: bool, elem: int, sms: int) -> tuple[int, int, int, int, int]:
+def _skinny_config(N: int, K: int, block_m: int, gated: bool, elem: int, sms: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, BLOCK_K, splits, num_warps, num_stages), from an H200 sweep (benchmarks/microbench.py
     --sweep --parts skinny, 32 and 64 rows). Each split's partial adds traffic (2 BLOCK_M / k_chunk
     of its weight bytes) and its reduction adds latency, so K is split only while the programs stay
@@ -469,11 +470,11 @@ def _skinny_config(N: int, K: int, rows: int, gated: bool, elem: int, sms: int) 
     splits = 1
     while K // (2 * splits) >= 256 and 2 * splits * tiles <= (sms if K >= 8192 else sms // 2):
         splits *= 2
-    block_n, block_k, splits, warps, stages = SKINNY_TUNED.get((N, K, max(16, next_pow2(rows))),
-                                                               (block_n, block_k, splits, warps, stages))
+    block_n, block_k, splits, warps, stages = SKINNY_TUNED.get((N, K, block_m), (block_n, block_k, splits, warps,
+                                                                               stages))
     if os.environ.get("FT_RUNNER_SKINNY"):
         block_n, block_k, splits, warps, stages = (int(v) for v in os.environ["FT_RUNNER_SKINNY"].split(","))
-    stage_bytes = (block_n * (2 if gated else 1) + max(16, next_pow2(rows))) * block_k * elem
+    stage_bytes = (block_n * (2 if gated else 1) + block_m) * block_k * elem
     programs = triton.cdiv(N, block_n) * splits
     stages = max(1, min(stages, ((112 if programs > sms else 160) << 10) // stage_bytes))
     return block_n, block_k, splits, warps, stages
@@ -491,9 +492,9 @@ def skinny_linear(x, weight, bias, act, gated, act_cols, out, residual=None):
     assert x.stride(-1) == 1 and weight.stride(1) == 1 and M <= SKINNY_MAX_ROWS
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    block_n, block_k, splits, warps, stages = _skinny_config(N, K, M, gated, x.element_size(),
+    block_m = max(16, next_pow2(M))  # the rows padded to the MMA's narrow side
+    block_n, block_k, splits, warps, stages = _skinny_config(N, K, block_m, gated, x.element_size(),
                                                               _sm_count(x.device.index))
-    block_m = max(16, next_pow2(M))
     k_chunk = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, k_chunk)
     tiles = triton.cdiv(N, block_n)
@@ -689,7 +690,7 @@ def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim
     part = torch.empty((B * heads * splits * (block_d + 2),) if splits > 1 else (1,), dtype=torch.float32,
                        device=qkv.device)
     programs = (B, kv_heads // kv_per_program, splits)
-    on = pdl(qkv.device, programs[0] * programs[1] * splits)
+    on = pdl(qkv.device, math.prod(programs))
     _decode_attention_kernel[programs](
         qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         positions, cos, sin, out, out.stride(0), part, _counters(qkv.device, B * kv_heads), scale,
