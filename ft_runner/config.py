@@ -197,3 +197,33 @@ def _parse(kind: str, raw: str):
     if kind == "float":
         return float(raw)
     return raw
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The in-flight engine's knobs (server flags of the same names), checked once here."""
+
+    max_num_seqs: int = 256  # requests in the running batch at most
+    max_num_batched_tokens: int = 8192  # tokens one step computes at most: prefill chunks and decodes together
+    kv_block_size: int = 16  # tokens per KV-cache page
+    gpu_memory_utilization: float = 0.9  # fraction of the device memory the weights, activations and cache may use
+    kv_cache_blocks: int = 0  # pages in the cache; 0: size it from free memory (on CPUs: cpu_kv_cache_gib)
+    cpu_kv_cache_gib: float = 1.0  # the cache's size on CPUs when kv_cache_blocks is 0
+    max_model_len: int = 0  # prompt + output tokens of one request at most; 0: the model's context
+    enable_chunked_prefill: bool = True  # long prompts are split over steps to fit the token budget
+    cuda_graphs: bool = True  # decode-only steps replay captured graphs (GPUs only)
+
+    def __post_init__(self):
+        for key in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {getattr(self, key)}")
+        if self.kv_block_size & (self.kv_block_size - 1) or self.kv_block_size < 8:
+            raise ConfigError(f"--kv-block-size must be a power of two >= 8, got {self.kv_block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_blocks < 0 or self.max_model_len < 0 or self.cpu_kv_cache_gib <= 0:
+            raise ConfigError("--kv-cache-blocks and --max-model-len must be >= 0 (0: automatic)")
+
+    def model_len(self, model: ModelConfig) -> int:
+        """The longest request (prompt + output) this engine serves."""
+        return min(self.max_model_len or model.max_pos_seq_len, model.max_pos_seq_len)

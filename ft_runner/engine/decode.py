@@ -111,6 +111,14 @@ def _fuse_cols(*linears) -> torch.Tensor:
     return weight
 
 
+def fused_decoder(stage, runtime) -> FusedDecoder:
+    """The stage's one FusedDecoder: fusing rebinds the modules' weights, so it must happen once
+    per stage however many engines (in-flight, static) run it."""
+    if getattr(stage, "fused_decoder", None) is None:
+        stage.fused_decoder = FusedDecoder(stage, runtime)
+    return stage.fused_decoder
+
+
 class FusedDecoder:
     """Decode step of one pipeline stage through fused kernels."""
 
@@ -200,28 +208,30 @@ class FusedDecoder:
 
     # --- the step ------------------------------------------------------------------------------
 
-    def logits(self, tokens: torch.Tensor, positions: torch.Tensor, cache):
+    def logits(self, tokens: torch.Tensor, positions: torch.Tensor, cache, last: torch.Tensor | None = None):
         """tokens, positions (R,) -> logits (R, V_local) or gathered (TP, R, V_local) on the last
         stage (vocab padding included, and on one GPU padding to a multiple of 64: see
-        `full_logits`), None on the others."""
+        `full_logits`), None on the others. `cache` attends (KVCache, or the in-flight engine's
+        PagedBatch); `last` (S,): the rows whose logits are wanted (default: all)."""
         h = self._stage_input(tokens, positions)
         if self.group is None and tokens.shape[0] == 1 and os.environ.get("FT_RUNNER_FUSE_NORM", "1") != "0":
             return self._logits_single(h, positions, cache)
         h, x = ops.add_norm(h, None, None, *self.layers[0].norm1.args())
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].norm1 if i + 1 < len(self.layers) else self.final_norm
-            attend = self._attend(cache.k[i], cache.v[i], positions)
+            attend = self._attend(cache, i, positions)
             h, x = (self._parallel if layer.parallel else self._sequential)(layer, h, x, nxt, attend)
         if not self.grid.is_last_stage:
             dist.send(h.contiguous(), dst=self.grid.stage_rank(self.grid.pp_rank + 1))
             return None
-        return self._head(h if x is None else x)  # x is None: the model has no final norm
+        x = h if x is None else x  # x is None: the model has no final norm
+        return self._head(x if last is None else x[last])
 
     def _logits_single(self, h, positions, cache):
         """One row, one rank: every norm runs inside the GEMV that reads it and every residual add
         inside the GEMV that produces it (3 to 5 kernels a layer)."""
         for i, layer in enumerate(self.layers):
-            attend = self._attend(cache.k[i], cache.v[i], positions)
+            attend = self._attend(cache, i, positions)
             h = (self._parallel_single if layer.parallel else self._sequential_single)(layer, h, attend)
         if not self.grid.is_last_stage:
             dist.send(h.contiguous(), dst=self.grid.stage_rank(self.grid.pp_rank + 1))
@@ -272,10 +282,10 @@ class FusedDecoder:
         dist.recv(h, src=self.grid.stage_rank(self.grid.pp_rank - 1))
         return h
 
-    def _attend(self, k_cache, v_cache, positions):
+    def _attend(self, cache, layer: int, positions):
         def attend(qkv, out=None):
-            return ops.decode_attention(qkv, k_cache, v_cache, positions, self.heads, self.kv_heads, self.head_dim,
-                                        self.scale, self.rope, out)
+            return cache.attend(layer, qkv, positions, self.heads, self.kv_heads, self.head_dim, self.scale,
+                                self.rope, out)
         return attend
 
     def _project_reduce(self, x, weight):

@@ -111,7 +111,7 @@ class Generator:
         if reason or os.environ.get("FT_RUNNER_DECODER") == "module":
             self.decoder = decode.ModuleDecoder(self)
         else:
-            self.decoder = decode.FusedDecoder(model, runtime)
+            self.decoder = decode.fused_decoder(model, runtime)
         graphs = (self.device.type == "cuda" and self.grid.pp == 1 and isinstance(self.decoder, decode.FusedDecoder)
                   and os.environ.get("FT_RUNNER_CUDA_GRAPHS", "1") != "0")
         self.graphs = StepGraphs() if graphs else None

@@ -6,6 +6,8 @@ import dataclasses
 
 import torch
 
+from ft_runner.kernels import ops
+
 
 @dataclasses.dataclass
 class KVCache:
@@ -28,3 +30,9 @@ class KVCache:
     def rows(self, count: int) -> KVCache:
         """The first `count` rows (views)."""
         return KVCache(self.k[:, :count], self.v[:, :count])
+
+    def attend(self, layer: int, qkv, positions, heads: int, kv_heads: int, head_dim: int, scale: float,
+               rope=None, out=None):
+        """ops.decode_attention over this cache's layer (the fused decoder's one attention call)."""
+        return ops.decode_attention(qkv, self.k[layer], self.v[layer], positions, heads, kv_heads, head_dim, scale,
+                                    rope, out)

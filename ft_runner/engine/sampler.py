@@ -239,15 +239,18 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seed: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """(B, vocab) uniforms in (0, 1), a pure function of (seed, step, token id)."""
+def uniform(seed: torch.Tensor, step, vocab: int) -> torch.Tensor:
+    """(B, vocab) uniforms in (0, 1), a pure function of (seed, step, token id); `step` is one
+    number for every row or (B,) per row (the in-flight engine: each row's own output count)."""
     ids = torch.arange(vocab, device=seed.device, dtype=torch.int64)
+    step = torch.as_tensor(step, device=seed.device)
+    step = step[:, None] if step.dim() == 1 else step
     h = _hash32(seed[:, None] * 0x9E3779B1 + _hash32(ids[None, :] + step * 0x632BE5AB))
     h = _hash32(h ^ (seed[:, None] >> 32))
     return (h.to(torch.float64) + 0.5) / 4294967296.0
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, step: int):
+def sample(logits: torch.Tensor, params: SamplingParams, step):
     """Processed logits (B, V) fp32 -> (tokens (B,), log-probs of those tokens (B,))."""
     logprobs = torch.log_softmax(logits, dim=-1)
     filtered = filter_top_k_top_p(logits, params.top_k, params.top_p)
@@ -268,3 +271,76 @@ def filter_top_k_top_p(logits, top_k, top_p):
     drop |= (top_p[:, None] > 0) & (before >= top_p[:, None])
     drop[:, 0] = False  # always keep the best token
     return logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+
+
+# ---------------------------------------------------------------------------------------------
+# the in-flight engine: one row per request, each with its own options and history
+
+
+def sample_requests(logits: torch.Tensor, requests: list) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (S, V) fp32 of S requests (engine/request.py) -> (next tokens, their log-probs), numpy.
+
+    The same processing as the batch path (temperature, penalties, min length, bad words, then
+    top-k / top-p and the seeded draw), with each row's draw keyed by its own output count, so a
+    request's tokens do not depend on which others share its step."""
+    options = [r.options for r in requests]
+    device = logits.device
+    temperature = torch.tensor([o.temperature for o in options], dtype=torch.float32, device=device)
+    logits = logits / temperature[:, None]
+    if all(o.greedy and not o.needs_history for o in options):  # the common case: no sort, no draw
+        tokens = torch.argmax(logits, dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+        return tokens.cpu().numpy(), logprobs.cpu().numpy()
+    history = [i for i, o in enumerate(options) if o.needs_history]
+    if history:
+        logits[history] = _apply_history(logits[history], [requests[i] for i in history])
+    params = SamplingParams(
+        top_k=torch.tensor([o.top_k for o in options], device=device),
+        top_p=torch.tensor([o.top_p for o in options], dtype=torch.float32, device=device),
+        temperature=temperature, repetition_penalty=temperature, presence_penalty=temperature,  # not read by sample
+        min_length=torch.tensor([o.min_length for o in options], device=device),
+        seed=torch.tensor([o.seed for o in options], dtype=torch.int64, device=device))
+    steps = torch.tensor([r.num_output for r in requests], device=device)
+    tokens, logprobs = sample(logits, params, steps)
+    return tokens.cpu().numpy(), logprobs.cpu().numpy()
+
+
+def _apply_history(logits: torch.Tensor, requests: list) -> torch.Tensor:
+    """Penalties, min length and bad words for rows whose options read their tokens so far."""
+    counts = _token_counts(logits, [r.tokens for r in requests])
+    output_counts = _token_counts(logits, [r.output for r in requests])
+    column = lambda name: torch.tensor([getattr(r.options, name) for r in requests],  # noqa: E731
+                                       dtype=torch.float32, device=logits.device)[:, None]
+    seen = counts > 0
+    rep = column("repetition_penalty")
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - column("presence_penalty") * seen.to(logits.dtype)
+    logits = logits - column("frequency_penalty") * output_counts
+    banned = [(row, token) for row, r in enumerate(requests) for token in _banned(r)]
+    if banned:
+        rows, tokens = zip(*banned)
+        logits[list(rows), list(tokens)] = float("-inf")
+    return logits
+
+
+def _token_counts(logits: torch.Tensor, sequences: list[list[int]]) -> torch.Tensor:
+    """(rows, V) fp32: how often each token occurs in each row's sequence."""
+    counts = torch.zeros_like(logits)
+    rows = torch.tensor([row for row, seq in enumerate(sequences) for _ in seq], dtype=torch.int64)
+    ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64)
+    if ids.numel():
+        counts.index_put_((rows.to(logits.device), ids.to(logits.device)),
+                          torch.ones(ids.numel(), device=logits.device), accumulate=True)
+    return counts
+
+
+def _banned(request) -> list[int]:
+    """Tokens the request may not sample now: its end tokens before min_length, and the last
+    token of each bad word whose other tokens end the sequence (FT, HF)."""
+    banned = list(request.end_ids) if request.num_output < request.options.min_length else []
+    tokens = request.tokens
+    for word in request.options.bad_words:
+        head = tuple(word[:-1])
+        if not head or tuple(tokens[len(tokens) - len(head):]) == head:
+            banned.append(word[-1])
+    return banned

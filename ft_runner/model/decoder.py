@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ft_runner.config import ModelConfig
+from ft_runner.kernels import ops
 from ft_runner.model.layers import ColumnParallelLinear, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from ft_runner.model.positional import Rotary, alibi_slopes, apply_rotary
 
@@ -64,7 +65,8 @@ class Step:
 
     prefill: bool
     positions: torch.Tensor  # (B, S) position of each new token
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (B, 1, S, rotary dims)
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # cos, sin (B, 1, S, rotary dims); paged: (N, 1, 1, dims)
+    paged: object | None = None  # the in-flight engine's step (engine/model_runner.PagedBatch): flat tokens
 
 
 class Attention(nn.Module):
@@ -84,7 +86,9 @@ class Attention(nn.Module):
             self.slopes = alibi_slopes(config.head_num)[grid.tp_rank * self.heads:(grid.tp_rank + 1) * self.heads]
 
     def forward(self, x, cache_k, cache_v, step: Step):
-        """x (B, S, H); caches (B, kv_heads, T, head_dim)."""
+        """x (B, S, H); caches (B, kv_heads, T, head_dim), or paged (one layer of PagedKVCache)."""
+        if step.paged is not None:
+            return self._forward_paged(x, cache_k, cache_v, step)
         B, S, _ = x.shape
         qkv = self.qkv(x).view(B, S, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)  # (B, heads, S, head_dim)
@@ -102,6 +106,21 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.kv_heads != self.heads)
         return self.dense(out.transpose(1, 2).reshape(B, S, -1))
+
+    def _forward_paged(self, x, cache_k, cache_v, step: Step):
+        """x (1, N, H): the step's tokens of every sequence, flat; the paged cache's pages of one layer."""
+        N = x.shape[1]
+        qkv = self.qkv(x[0]).view(N, self.heads + 2 * self.kv_heads, self.head_dim)
+        if step.rope is not None:  # (N, heads, 1, head_dim) against cos/sin (N, 1, 1, dims): one row per token
+            q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+            q, k = (apply_rotary(t[:, :, None], *step.rope, self.interleaved)[:, :, 0] for t in (q, k))
+            qkv = torch.cat([q, k, v], dim=1)
+        p = step.paged
+        slopes = self.slopes.to(x.device) if self.slopes is not None else None
+        out = ops.prefill_attention(qkv.reshape(N, -1), cache_k, cache_v, p.block_tables, p.cu_seqlens,
+                                    p.context_lens, p.max_query_len, self.heads, self.kv_heads, self.head_dim,
+                                    self.head_dim ** -0.5, None, self.window, slopes)
+        return self.dense(out)[None]
 
     def _mask(self, step: Step, key_len: int, dtype):
         """None for a plain causal prefill; else a boolean mask or an additive ALiBi bias (B, 1|heads, S, T)."""
@@ -185,6 +204,8 @@ class GPTStage(nn.Module):
     def forward(self, h, cache, positions, prefill: bool):
         """h (B, S, H). Prefill: `positions` are the rows' prompt lengths (B,) or None (all S long);
         decode: the position (B,) of each row's one new token."""
+        if not torch.is_tensor(positions) and positions is not None:  # the in-flight engine's PagedBatch
+            return self._forward_paged(h, cache, positions)
         B, S, _ = h.shape
         if prefill:
             pos = torch.arange(S, device=h.device).expand(B, S)
@@ -192,6 +213,16 @@ class GPTStage(nn.Module):
         else:
             pos, seq_len = positions[:, None], positions + 1
         step = Step(prefill, pos, self.rotary.tables(pos, seq_len) if self.rotary is not None else None)
+        for layer, block in enumerate(self.layers):
+            h = block(h, cache.k[layer], cache.v[layer], step)
+        return h
+
+    def _forward_paged(self, h, cache, paged):
+        """h (1, N, H): every sequence's tokens of this step; `paged` says whose they are and where."""
+        rope = None
+        if self.rotary is not None:  # each token its own row, so dynamic RoPE can use its sequence's length
+            rope = self.rotary.tables(paged.positions[:, None], paged.seq_lens)
+        step = Step(True, paged.positions[None], rope, paged)
         for layer, block in enumerate(self.layers):
             h = block(h, cache.k[layer], cache.v[layer], step)
         return h

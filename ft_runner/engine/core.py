@@ -1,0 +1,156 @@
+"""The in-flight engine on rank 0: requests in, one step at a time, tokens out.
+
+    core = EngineCore(stage, runtime, EngineConfig())
+    rid = core.add_request(prompt_ids, SamplingOptions(max_tokens=64))
+    while core.has_unfinished():
+        for event in core.step(): ...      # TokenEvent: request_id, token, logprob, finish
+
+`step()` = schedule (scheduler.py) -> hand the plan to the other ranks (`broadcast`, set by the
+serving layer) -> run it (model_runner.py) -> sample (sampler.py) -> update each request. Every
+other rank runs `ModelRunner.run` on the same plans in the same order (serving/worker.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ft_runner.config import EngineConfig
+from ft_runner.engine.block_manager import BlockManager
+from ft_runner.engine.model_runner import ModelRunner, StepPlan, cache_pages
+from ft_runner.engine.request import Request, SamplingOptions
+from ft_runner.engine.sampler import Finish, sample_requests
+from ft_runner.engine.scheduler import Schedule, Scheduler
+
+
+@dataclasses.dataclass
+class TokenEvent:
+    request_id: int
+    token: int  # -1 for a request that ended without a new token (cancelled)
+    logprob: float
+    finish: int  # a sampler.Finish code: RUNNING (0) while the request goes on
+
+
+def agreed_pages(stage, runtime, config: EngineConfig) -> int:
+    """Every rank's cache must have the same pages: the smallest any rank can hold."""
+    pages = np.array([cache_pages(stage, runtime, config)], dtype=np.int64)
+    if runtime.grid.world > 1:
+        from mpi4py import MPI
+
+        runtime.comm.Allreduce(MPI.IN_PLACE, pages, op=MPI.MIN)
+    return int(pages[0])
+
+
+class EngineCore:
+    def __init__(self, stage, runtime, config: EngineConfig | None = None,
+                 broadcast: Optional[Callable[[StepPlan], None]] = None):
+        """Every rank builds its ModelRunner at the same point (the page count is agreed collectively)."""
+        self.config = config or EngineConfig()
+        self.runner = ModelRunner(stage, runtime, self.config, agreed_pages(stage, runtime, self.config))
+        self.blocks = BlockManager(self.runner.pages, self.config.kv_block_size)
+        self.scheduler = Scheduler(self.config, self.blocks, self.config.model_len(stage.config))
+        self.broadcast = broadcast
+        model = stage.config
+        self.model_end = model.end_id
+        self.other_ends = tuple(model.other_end_ids)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # add_request and cancel may come from other threads
+        self._incoming: list[Request] = []
+        self.requests: dict[int, Request] = {}
+
+    def add_request(self, prompt: list[int], options: SamplingOptions) -> int:
+        """Queue a request (any thread); its tokens come from later steps. Raises ConfigError when
+        it can never fit (too long for max_model_len or for the whole cache)."""
+        if options.end_id < 0:
+            options = dataclasses.replace(options, end_id=self.model_end)
+        ends = (options.end_id, *self.other_ends) if options.end_id == self.model_end else (options.end_id,)
+        request = Request(next(self._ids), prompt, options, ends)
+        if not request.tokens:
+            raise ValueError("a request needs at least one prompt token")
+        self.scheduler.check(request)
+        with self._lock:
+            self._incoming.append(request)
+            self.requests[request.id] = request
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request at the next step (any thread); it ends as Finish.CANCELLED."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            request.cancelled = True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._incoming) or self.scheduler.has_unfinished()
+
+    def step(self) -> list[TokenEvent]:
+        """One step of every scheduled request; the events of the requests that moved or ended."""
+        events = self._take_incoming()
+        schedule = self.scheduler.schedule()
+        if not schedule.rows:
+            return events
+        plan = make_plan(schedule, self.config.kv_block_size)
+        if self.broadcast is not None:
+            self.broadcast(plan)
+        logits = self.runner.run(plan)
+        self.scheduler.computed(schedule)
+        sampling = [row.request for row in schedule.rows if row.samples]
+        tokens, logprobs = sample_requests(logits, sampling)
+        for request, token, logprob in zip(sampling, tokens, logprobs):
+            finish = request.append(int(token), float(logprob))
+            events.append(TokenEvent(request.id, int(token), float(logprob), int(finish)))
+            if finish != Finish.RUNNING:
+                self._end(request)
+        return events
+
+    def _take_incoming(self) -> list[TokenEvent]:
+        """Queue the new requests and end the cancelled ones (before scheduling, so their pages free up)."""
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        for request in incoming:
+            self.scheduler.add(request)
+        with self._lock:
+            cancelled = [r for r in self.requests.values() if r.cancelled]
+        events = []
+        for request in cancelled:
+            request.finish = Finish.CANCELLED
+            events.append(TokenEvent(request.id, -1, 0.0, int(Finish.CANCELLED)))
+            self._end(request)
+        return events
+
+    def _end(self, request: Request) -> None:
+        self.scheduler.finish(request)
+        with self._lock:
+            del self.requests[request.id]
+
+    def request(self, request_id: int) -> Request | None:
+        return self.requests.get(request_id)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.blocks.usage
+
+    def close(self) -> None:
+        """Free the cache (and graphs) now rather than at garbage collection."""
+        self.runner = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def make_plan(schedule: Schedule, block_size: int) -> StepPlan:
+    rows = schedule.rows
+    counts = np.array([r.count for r in rows], dtype=np.int32)
+    tokens = np.concatenate([np.asarray(r.request.tokens[r.start:r.start + r.count], dtype=np.int64) for r in rows])
+    positions = np.concatenate([np.arange(r.start, r.start + r.count, dtype=np.int64) for r in rows])
+    width = max(len(r.request.block_ids) for r in rows)
+    tables = np.zeros((len(rows), width), dtype=np.int32)
+    for i, r in enumerate(rows):
+        tables[i, :len(r.request.block_ids)] = r.request.block_ids
+    return StepPlan(tokens=tokens, positions=positions, cu_seqlens=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+                    context_lens=np.array([r.start for r in rows], dtype=np.int32), block_tables=tables,
+                    num_decode=int((counts == 1).sum()),
+                    sample_rows=np.array([i for i, r in enumerate(rows) if r.samples], dtype=np.int64))

@@ -1,0 +1,257 @@
+"""Runs one step of the in-flight engine on this rank: a plan in, logits out.
+
+Every rank holds a paged KV cache for its stage (its layers, its TP share of the KV heads) and
+runs the same `StepPlan`: the step's tokens of every scheduled sequence laid flat, their
+positions, and each sequence's block table. Single-token rows (decodes) come first and attend
+through the paged decode kernel; prefill chunks follow and attend through the paged prefill
+kernel; both write their keys and values into the pages first. On GPUs a decode-only step
+replays a CUDA graph captured for the smallest ladder size that holds its rows (padding rows
+compute into a scratch page no request owns). Pipeline stages hand hidden states on; the last
+stage's logits of the rows that sample come back to rank 0, which samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ft_runner.config import EngineConfig
+from ft_runner.engine import decode
+from ft_runner.engine.cuda_graph import LADDER
+from ft_runner.kernels import ops
+
+ACTIVATION_BYTES_PER_TOKEN = 16  # activations of one batched token, in units of (hidden + MLP width) elements
+GIB = 1 << 30
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One step, identical on every rank (rank 0 makes it; serving/protocol.py ships it)."""
+
+    tokens: np.ndarray  # int64 (N,): the tokens computed this step, sequence after sequence
+    positions: np.ndarray  # int64 (N,)
+    cu_seqlens: np.ndarray  # int32 (B+1,): sequence b's tokens are [cu_seqlens[b], cu_seqlens[b+1])
+    context_lens: np.ndarray  # int32 (B,): positions already cached before this step (its first position)
+    block_tables: np.ndarray  # int32 (B, W): each sequence's pages
+    num_decode: int  # the first num_decode sequences have one token each
+    sample_rows: np.ndarray  # int64 (S,): the sequences whose last token's logits are wanted
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+
+@dataclasses.dataclass
+class PagedKVCache:
+    k: torch.Tensor  # (layers, pages, kv_heads, block_size, head_dim)
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, layers: int, pages: int, kv_heads: int, block_size: int, head_dim: int, dtype, device):
+        shape = (layers, pages, kv_heads, block_size, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+
+@dataclasses.dataclass
+class PagedBatch:
+    """A StepPlan on the device, plus what attention needs; the fused decoder's `cache`."""
+
+    cache: PagedKVCache
+    tokens: torch.Tensor  # int64 (N,)
+    positions: torch.Tensor  # int64 (N,)
+    cu_seqlens: torch.Tensor  # int32 (B+1,)
+    context_lens: torch.Tensor  # int32 (B,)
+    block_tables: torch.Tensor  # int32 (B, W)
+    seq_lens: torch.Tensor  # int64 (N,): each token's sequence length after this step (dynamic RoPE)
+    last: torch.Tensor  # int64 (S,): the token rows whose logits are wanted
+    num_decode: int
+    max_query_len: int
+
+    @property
+    def k(self):
+        return self.cache.k
+
+    @property
+    def v(self):
+        return self.cache.v
+
+    def attend(self, layer: int, qkv, positions, heads: int, kv_heads: int, head_dim: int, scale: float,
+               rope=None, out=None):
+        """Attention of every token of the step (fused decoder): decode rows, then prefill chunks."""
+        if out is None:
+            out = torch.empty((qkv.shape[0], heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+        k, v, d = self.cache.k[layer], self.cache.v[layer], self.num_decode
+        if d:
+            ops.paged_decode_attention(qkv[:d], k, v, self.block_tables[:d], positions[:d], heads, kv_heads,
+                                       head_dim, scale, rope, out[:d])
+        if d < qkv.shape[0]:
+            ops.prefill_attention(qkv[d:], k, v, self.block_tables[d:], self.cu_seqlens[d:] - d,
+                                  self.context_lens[d:], self.max_query_len, heads, kv_heads, head_dim, scale,
+                                  rope, out=out[d:])
+        return out
+
+
+def cache_pages(stage, runtime, config: EngineConfig) -> int:
+    """How many pages this rank's cache can have: given, or from free memory (one spare page for
+    padding rows is added on top by ModelRunner)."""
+    if config.kv_cache_blocks:
+        return config.kv_cache_blocks
+    page = page_bytes(stage, runtime.grid.tp, config.kv_block_size)
+    if runtime.device.type != "cuda":
+        return max(int(config.cpu_kv_cache_gib * GIB // page), 1)
+    free, total = torch.cuda.mem_get_info(runtime.device)
+    budget = total * config.gpu_memory_utilization - (total - free) - activation_reserve(stage, config)
+    return max(int(budget // page), 1)
+
+
+def page_bytes(stage, tp: int, block_size: int) -> int:
+    config = stage.config
+    elem = next(stage.parameters()).element_size()
+    return 2 * len(stage.layers) * config.local_kv_heads(tp) * block_size * config.size_per_head * elem
+
+
+def activation_reserve(stage, config: EngineConfig) -> int:
+    """Room left for one step's activations and the sampled rows' fp32 logits, beside the cache."""
+    model = stage.config
+    elem = next(stage.parameters()).element_size()
+    tokens = config.max_num_batched_tokens * (model.hidden_size + model.inter_size) * ACTIVATION_BYTES_PER_TOKEN
+    logits = config.max_num_seqs * model.vocab_size * 4 * 4
+    return tokens * elem + logits + GIB
+
+
+class ModelRunner:
+    def __init__(self, stage, runtime, config: EngineConfig, pages: int):
+        self.stage, self.runtime, self.config = stage, runtime, config
+        self.grid, self.device = runtime.grid, runtime.device
+        self.dtype = next(stage.parameters()).dtype
+        model = stage.config
+        self.fused = decode.fused_decoder(stage, runtime) if decode.unsupported_reason(stage) is None else None
+        if self.fused is not None:
+            self.fused.prepare(model.max_pos_seq_len)  # the static engine never needs larger tables
+        self.pages = pages
+        self.scratch = pages  # the extra page padding rows write into
+        self.cache = PagedKVCache.allocate(len(stage.layers), pages + 1, model.local_kv_heads(self.grid.tp),
+                                           config.kv_block_size, model.size_per_head, self.dtype, self.device)
+        self.max_pages = -(-config.model_len(model) // config.kv_block_size)
+        rotary = getattr(stage, "rotary", None)
+        if rotary is not None and rotary.inv is not None:
+            rotary.inv = rotary.inv.to(self.device)
+        self.graphs = DecodeGraphs(self) if self._graphs_on() else None
+
+    def _graphs_on(self) -> bool:
+        return (self.device.type == "cuda" and self.config.cuda_graphs and self.fused is not None
+                and self.grid.pp == 1)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> torch.Tensor | None:
+        """Logits (S, vocab) fp32 of the plan's sampled rows on rank 0; None on the other ranks."""
+        if self.graphs is not None and self.graphs.covers(plan):
+            logits = self.graphs.replay(plan)
+        else:
+            logits = self.forward(self.to_device(plan))
+        return self._to_rank0(logits, len(plan.sample_rows))
+
+    def forward(self, batch: PagedBatch) -> torch.Tensor | None:
+        """This stage's part of the step: full-vocabulary fp32 logits of `batch.last` on the last stage."""
+        if self.fused is not None:
+            logits = self.fused.logits(batch.tokens, batch.positions, batch, batch.last)
+            return None if logits is None else decode.full_logits(logits, self.stage.config.vocab_size)
+        return self._module_forward(batch)
+
+    def _module_forward(self, batch: PagedBatch) -> torch.Tensor | None:
+        """Every family through the model's own modules (post-norm, ALiBi, windows, dynamic RoPE)."""
+        grid, stage = self.grid, self.stage
+        if grid.is_first_stage:
+            h = stage.embed(batch.tokens[None], batch.positions[None])
+        else:
+            h = torch.empty((1, batch.tokens.shape[0], stage.config.hidden_size), dtype=self.dtype, device=self.device)
+            dist.recv(h, src=grid.stage_rank(grid.pp_rank - 1))
+        h = stage(h, self.cache, batch, prefill=True)
+        if not grid.is_last_stage:
+            dist.send(h.contiguous(), dst=grid.stage_rank(grid.pp_rank + 1))
+            return None
+        return stage.logits(h[0, batch.last])
+
+    def _to_rank0(self, logits, rows: int) -> torch.Tensor | None:
+        """With several stages the last one's sampler rank sends the logits to rank 0."""
+        grid = self.grid
+        if grid.pp == 1 or grid.sampler_rank == 0:
+            return logits if grid.rank == 0 else None
+        if grid.rank == grid.sampler_rank:
+            dist.send(logits.contiguous(), dst=0)
+        elif grid.rank == 0:
+            logits = torch.empty((rows, self.stage.config.vocab_size), dtype=torch.float32, device=self.device)
+            dist.recv(logits, src=grid.sampler_rank)
+            return logits
+        return None
+
+    def to_device(self, plan: StepPlan) -> PagedBatch:
+        dev = self.device
+        counts = np.diff(plan.cu_seqlens)
+        seq_lens = np.repeat(plan.context_lens.astype(np.int64) + counts, counts)
+        last = plan.cu_seqlens[1:][plan.sample_rows].astype(np.int64) - 1
+        t = {name: torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True) for name, a in (
+            ("tokens", plan.tokens), ("positions", plan.positions), ("cu_seqlens", plan.cu_seqlens),
+            ("context_lens", plan.context_lens), ("block_tables", plan.block_tables), ("seq_lens", seq_lens),
+            ("last", last))}
+        return PagedBatch(self.cache, num_decode=plan.num_decode, max_query_len=int(counts.max(initial=1)), **t)
+
+
+class DecodeGraphs:
+    """Decode-only steps as CUDA graphs, one per ladder size up to max_num_seqs, captured at start-up.
+
+    Each graph reads fixed input buffers (tokens, positions, a full-width block table); rows past
+    the step's are padding: token 0 at position 0 of the scratch page."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.sizes = [s for s in LADDER if s <= runner.config.max_num_seqs] or [LADDER[0]]
+        if self.sizes[-1] < runner.config.max_num_seqs:
+            self.sizes.append(runner.config.max_num_seqs)
+        rows, dev = self.sizes[-1], runner.device
+        self.tokens = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=dev)
+        self.block_tables = torch.full((rows, runner.max_pages), runner.scratch, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        for size in reversed(self.sizes):
+            self.graphs[size] = self._capture(size)
+
+    def covers(self, plan: StepPlan) -> bool:
+        return plan.num_decode == plan.num_seqs and plan.num_seqs <= self.sizes[-1]
+
+    def _batch(self, rows: int) -> PagedBatch:
+        r = self.runner
+        cu = torch.arange(rows + 1, dtype=torch.int32, device=r.device)
+        return PagedBatch(r.cache, self.tokens[:rows], self.positions[:rows], cu, self.positions[:rows].int(),
+                          self.block_tables[:rows], self.positions[:rows] + 1, None, rows, 1)
+
+    def _capture(self, rows: int):
+        batch = self._batch(rows)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS and NCCL set up
+            for _ in range(2):
+                self.runner.forward(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.runner.forward(batch)
+        return graph, logits
+
+    def replay(self, plan: StepPlan) -> torch.Tensor:
+        rows = next(s for s in self.sizes if s >= plan.num_seqs)
+        B, W = plan.block_tables.shape
+        host = np.zeros((2, rows), dtype=np.int64)
+        host[0, :B], host[1, :B] = plan.tokens, plan.positions
+        tables = np.full((rows, self.block_tables.shape[1]), self.runner.scratch, dtype=np.int32)
+        tables[:B, :W] = plan.block_tables
+        staged = torch.from_numpy(host).pin_memory().to(self.tokens.device, non_blocking=True)
+        self.tokens[:rows].copy_(staged[0])
+        self.positions[:rows].copy_(staged[1])
+        self.block_tables[:rows].copy_(torch.from_numpy(tables).pin_memory().to(self.tokens.device, non_blocking=True))
+        graph, logits = self.graphs[rows]
+        graph.replay()
+        return logits[:B][torch.from_numpy(plan.sample_rows).to(logits.device)]

@@ -1,0 +1,138 @@
+"""Rank 0's scheduler: which requests compute which tokens in the next step.
+
+Each step has a token budget (`max_num_batched_tokens`) and a row limit (`max_num_seqs`). Running
+requests go first, in the order they were admitted: a decode costs one token, an unfinished
+prompt takes the next chunk that fits the budget (chunked prefill). Waiting requests are admitted
+behind them, first come first served, while budget, rows and KV pages last. When a running
+request needs a page and none is free, the most recently admitted running request is preempted:
+its pages are freed and it waits at the head of the queue to be recomputed (prompt and output so
+far) once pages free up. A request is never failed for lack of KV cache: `add` refuses at once
+a request that could not fit alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from ft_runner.config import ConfigError, EngineConfig
+from ft_runner.engine.block_manager import BlockManager
+from ft_runner.engine.request import Request, Status
+
+
+@dataclasses.dataclass
+class Scheduled:
+    request: Request
+    start: int  # the first position computed this step (request.num_computed before it)
+    count: int  # tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """Does this step reach the request's last token, and so produce its next one?"""
+        return self.start + self.count == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class Schedule:
+    """One step: single-token rows first (decodes), then longer prefill chunks."""
+
+    rows: list[Scheduled]
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(r.count for r in self.rows)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, max_model_len: int):
+        self.config = config
+        self.blocks = blocks
+        self.max_model_len = max_model_len
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+
+    def check(self, request: Request) -> None:
+        """Refuse, before it is queued, a request that could never run (a clear ConfigError)."""
+        if request.options.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least 1, got {request.options.max_tokens}")
+        need = request.num_prompt + request.options.max_tokens
+        if need > self.max_model_len:
+            raise ConfigError(f"prompt ({request.num_prompt} tokens) + max_tokens ({request.options.max_tokens}) "
+                              f"exceeds the engine's max_model_len {self.max_model_len}")
+        if self.blocks.pages_for(need) > self.blocks.num_blocks:
+            raise ConfigError(f"a request of {need} tokens needs more KV-cache pages than the cache has "
+                              f"({self.blocks.num_blocks} of {self.blocks.block_size} tokens): "
+                              "raise --kv-cache-blocks or --gpu-memory-utilization")
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Schedule:
+        budget = self.config.max_num_batched_tokens
+        rows, preempted = self._schedule_running(budget)
+        budget -= sum(r.count for r in rows)
+        if not preempted:
+            rows += self._admit(budget)
+        rows.sort(key=lambda r: r.count > 1)  # stable: decodes first, each group in admission order
+        return Schedule(rows, preempted)
+
+    def _schedule_running(self, budget: int) -> tuple[list[Scheduled], list[Request]]:
+        rows: list[Scheduled] = []
+        preempted: list[Request] = []
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            count = min(request.num_tokens - request.num_computed, budget)
+            while not self.blocks.allocate(request, request.num_computed + count):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    return rows, preempted
+            rows.append(Scheduled(request, request.num_computed, count))
+            budget -= count
+            index += 1
+        return rows, preempted
+
+    def _admit(self, budget: int) -> list[Scheduled]:
+        rows = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            count = min(request.num_tokens - request.num_computed, budget)
+            if count < request.num_tokens - request.num_computed and not self.config.enable_chunked_prefill:
+                break
+            if not self.blocks.allocate(request, request.num_computed + count):
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            rows.append(Scheduled(request, request.num_computed, count))
+            budget -= count
+        return rows
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute later: free the pages, forget what was computed, wait at the head of the queue."""
+        self.blocks.release(request)
+        request.num_computed = 0
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+        self.preemptions += 1
+
+    def computed(self, schedule: Schedule) -> None:
+        """The step ran: its tokens' keys and values are in the cache."""
+        for row in schedule.rows:
+            row.request.num_computed = row.start + row.count
+
+    def finish(self, request: Request) -> None:
+        """Take a finished or cancelled request out of the queues and free its pages."""
+        if request.status == Status.RUNNING:
+            self.running.remove(request)
+        elif request.status == Status.WAITING:
+            self.waiting.remove(request)
+        self.blocks.release(request)
+        request.status = Status.FINISHED
