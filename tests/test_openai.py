@@ -184,15 +184,16 @@ def local_api(tiny_gpt2, tmp_path_factory):
     from ft_runner import parallel
     from ft_runner.checkpoint.convert import convert
     from ft_runner.checkpoint.load import load_stage
+    from ft_runner.engine.core import EngineCore
     from ft_runner.engine.generator import Generator
-    from ft_runner.serving.engine import Engine
+    from ft_runner.serving.frontend import Frontend
     from ft_runner.serving.openai_api import OpenAIServer
     from ft_runner.serving.protocol import Channel
 
     runtime = parallel.init_runtime(1, 1, "cpu")
     ckpt = convert(tiny_gpt2, tmp_path_factory.mktemp("ft"), 1)
-    engine = Engine(Generator(load_stage(ckpt, runtime.grid, None, "fp32", runtime.device), runtime),
-                    Channel(runtime.comm))
+    stage = load_stage(ckpt, runtime.grid, None, "fp32", runtime.device)
+    engine = Frontend(EngineCore(stage, runtime), Generator(stage, runtime), Channel(runtime.comm))
     stop = threading.Event()
     loop = threading.Thread(target=engine.run, args=(stop,), daemon=True)
     loop.start()

@@ -66,7 +66,7 @@ class EngineCore:
     def add_request(self, prompt: list[int], options: SamplingOptions) -> int:
         """Queue a request (any thread); its tokens come from later steps. Raises ConfigError when
         it can never fit (too long for max_model_len or for the whole cache)."""
-        if options.end_id < 0:
+        if options.end_id is None:
             options = dataclasses.replace(options, end_id=self.model_end)
         ends = (options.end_id, *self.other_ends) if options.end_id == self.model_end else (options.end_id,)
         request = Request(next(self._ids), prompt, options, ends)

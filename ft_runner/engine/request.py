@@ -25,7 +25,7 @@ class SamplingOptions:
     """Per-request generation options, with FT's meanings (greedy when top_k <= 1 and top_p == 0)."""
 
     max_tokens: int = 16  # new tokens at most (FT's request_output_len)
-    end_id: int = -1  # -1: the model's end token
+    end_id: int | None = None  # None: the model's end token (with its other end tokens); -1 never ends
     top_k: int = 0
     top_p: float = 0.0
     temperature: float = 1.0

@@ -149,12 +149,7 @@ def decode_attention(qkv, k_cache, v_cache, positions, heads: int, kv_heads: int
     if use_triton(qkv):
         return _triton().decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale,
                                           rotary, out)
-    q = qkv[:, : heads * head_dim].view(B, heads, head_dim)
-    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(B, kv_heads, head_dim)
-    v = qkv[:, (heads + kv_heads) * head_dim:].view(B, kv_heads, head_dim)
-    if rotary is not None:
-        cos, sin, rot, interleaved = rotary
-        q, k = apply_rope(q, positions, cos, sin, rot, interleaved), apply_rope(k, positions, cos, sin, rot, interleaved)
+    q, k, v = _split_qkv(qkv, heads, kv_heads, head_dim, positions, rotary)
     rows = torch.arange(B, device=qkv.device)
     k_cache[rows, :, positions] = k.to(k_cache.dtype)
     v_cache[rows, :, positions] = v.to(v_cache.dtype)
@@ -166,6 +161,128 @@ def decode_attention(qkv, k_cache, v_cache, positions, heads: int, kv_heads: int
     o = F.scaled_dot_product_attention(q[:, :, None, :].to(keys.dtype), keys, values, attn_mask=mask, scale=scale)
     out.copy_(o.reshape(B, heads * head_dim))
     return out
+
+
+def _split_qkv(qkv, heads: int, kv_heads: int, head_dim: int, positions, rotary):
+    """qkv (N, (heads + 2 kv_heads) head_dim) -> q (N, heads, D), k and v (N, kv_heads, D), q and k
+    rotated by `positions` (N,) when rotary is (cos, sin, rot_dim, interleaved)."""
+    N = qkv.shape[0]
+    q = qkv[:, : heads * head_dim].view(N, heads, head_dim)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(N, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(N, kv_heads, head_dim)
+    if rotary is not None:
+        cos, sin, rot, interleaved = rotary
+        q, k = apply_rope(q, positions, cos, sin, rot, interleaved), apply_rope(k, positions, cos, sin, rot, interleaved)
+    return q, k, v
+
+
+def _paged_store(k_cache, v_cache, blocks, positions, k, v) -> None:
+    """Store k, v (R, kv_heads, D) at `positions` (R,) of the sequences whose block table rows are
+    `blocks` (R, max_blocks), in caches (num_blocks, kv_heads, block_size, D)."""
+    size = k_cache.shape[2]
+    slots = blocks.gather(1, (positions // size)[:, None])[:, 0].long()
+    k_cache[slots, :, positions % size] = k.to(k_cache.dtype)
+    v_cache[slots, :, positions % size] = v.to(v_cache.dtype)
+
+
+def _paged_gather(cache, blocks, length: int):
+    """Positions 0..length-1 of each sequence, (B, kv_heads, length, D), from its block table row
+    (blocks (B, max_blocks)) in a cache (num_blocks, kv_heads, block_size, D)."""
+    t = torch.arange(length, device=cache.device)
+    size = cache.shape[2]
+    ids = blocks[:, t // size].long().clamp(0, cache.shape[0] - 1)  # unused table entries may hold anything
+    return cache[ids, :, t % size].transpose(1, 2)
+
+
+def _expand_kv(x, heads: int):
+    """(B, kv_heads, T, D) -> (B, heads, T, D): query head h reads KV head h // (heads / kv_heads)."""
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def paged_decode_attention(qkv, k_cache, v_cache, block_tables, positions, heads: int, kv_heads: int, head_dim: int,
+                           scale: float, rotary=None, out=None):
+    """decode_attention over a paged cache: one new token per row; rotate q and k, store k and v at
+    the row's position, attend to positions 0..pos.
+
+    qkv (B, (heads + 2 kv_heads) head_dim) as [q | k | v] (rows may be strided); caches (num_blocks,
+    kv_heads, block_size, head_dim), block_size a power of two >= 8; block_tables (B, max_blocks)
+    int32: position t of row b lives in block block_tables[b, t // block_size] at offset
+    t % block_size; positions (B,) int64, the new token's position, < 0 for a padding row (it stores
+    nothing and its output row is zeros); rotary None or (cos, sin, rot_dim, interleaved). Writes
+    (B, heads head_dim) into `out` (which may be a column slice of a wider buffer) and returns it.
+    (The torch reference selects the live rows with a boolean mask: a host sync on GPUs.)
+    """
+    B = qkv.shape[0]
+    if out is None:
+        out = torch.empty((B, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    if use_triton(qkv):
+        return _triton().paged_decode_attention(qkv, k_cache, v_cache, block_tables, positions, heads, kv_heads,
+                                                head_dim, scale, rotary, out)
+    live = positions >= 0
+    pos = positions.clamp_min(0)
+    q, k, v = _split_qkv(qkv, heads, kv_heads, head_dim, pos, rotary)
+    _paged_store(k_cache, v_cache, block_tables[live], pos[live], k[live], v[live])
+    length = block_tables.shape[1] * k_cache.shape[2]
+    mask = (torch.arange(length, device=qkv.device)[None, :] <= pos[:, None])[:, None, :, None]  # (B, 1, T, 1)
+    # positions past pos may never have been written (NaN in a fresh cache would leak through 0 weights)
+    keys = _expand_kv(_paged_gather(k_cache, block_tables, length).where(mask, 0), heads)
+    values = _expand_kv(_paged_gather(v_cache, block_tables, length).where(mask, 0), heads)
+    o = F.scaled_dot_product_attention(q[:, :, None, :].to(keys.dtype), keys, values,
+                                       attn_mask=mask.transpose(2, 3), scale=scale)
+    out.copy_(torch.where(live[:, None], o.reshape(B, heads * head_dim), 0))
+    return out
+
+
+def prefill_attention(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len: int, heads: int,
+                      kv_heads: int, head_dim: int, scale: float, rotary=None, window: int = 0, slopes=None, out=None):
+    """Attention for chunks of new tokens of B sequences over a paged cache (chunked prefill).
+
+    qkv (N, (heads + 2 kv_heads) head_dim) as [q | k | v]: sequence b's chunk is rows
+    [cu_seqlens[b], cu_seqlens[b + 1]) (cu_seqlens (B + 1,) int32), its token i at position
+    context_lens[b] + i (context_lens (B,) int32: positions already cached); max_query_len: the
+    longest chunk (a host int, for the grid). Caches and block_tables (B, max_blocks) as in
+    paged_decode_attention. Rotates q and k by position (rotary as there), stores every token's k
+    and v, and lets a query at position p attend to cached positions max(0, p - window + 1)..p
+    (window 0: 0..p) with the additive bias slopes[h] (p' - p) when `slopes` (fp32 (heads,), ALiBi)
+    is given. Writes (N, heads head_dim) into `out` (may be a column slice) and returns it.
+    """
+    N = qkv.shape[0]
+    if out is None:
+        out = torch.empty((N, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+    if use_triton(qkv):
+        return _triton().prefill_attention(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens,
+                                           max_query_len, heads, kv_heads, head_dim, scale, rotary, window, slopes,
+                                           out)
+    bounds, contexts = cu_seqlens.tolist(), context_lens.tolist()
+    for b, ctx in enumerate(contexts):
+        first, last = bounds[b], bounds[b + 1]
+        if last > first:
+            rows = slice(first, last)
+            out[rows] = _prefill_one(qkv[rows], k_cache, v_cache, block_tables[b:b + 1], ctx, heads, kv_heads,
+                                     head_dim, scale, rotary, window, slopes).to(out.dtype)
+    return out
+
+
+def _prefill_one(qkv, k_cache, v_cache, blocks, ctx: int, heads, kv_heads, head_dim, scale, rotary, window, slopes):
+    """prefill_attention for one sequence's chunk (n rows, block table row `blocks` (1, max_blocks)):
+    (n, heads head_dim) in fp32."""
+    n = qkv.shape[0]
+    pos = torch.arange(ctx, ctx + n, device=qkv.device)
+    q, k, v = _split_qkv(qkv, heads, kv_heads, head_dim, pos, rotary)
+    _paged_store(k_cache, v_cache, blocks.expand(n, -1), pos, k, v)
+    keys = _expand_kv(_paged_gather(k_cache, blocks, ctx + n), heads)[0].float()
+    values = _expand_kv(_paged_gather(v_cache, blocks, ctx + n), heads)[0].float()
+    t = torch.arange(ctx + n, device=qkv.device)
+    rel = (t[None, :] - pos[:, None]).float()  # (n, ctx + n): p' - p
+    allowed = rel <= 0
+    if window > 0:
+        allowed &= rel > -window
+    bias = torch.zeros(heads, n, ctx + n, device=qkv.device).masked_fill(~allowed, float("-inf"))
+    if slopes is not None:
+        bias = bias + slopes.float()[:, None, None] * rel
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).to(k_cache.dtype).float(), keys, values, attn_mask=bias,
+                                       scale=scale)
+    return o.transpose(0, 1).reshape(n, heads * head_dim)
 
 
 def greedy_step(logits, vocab: int, state) -> None:

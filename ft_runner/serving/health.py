@@ -20,7 +20,7 @@ import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.generator import Batch
-from ft_runner.serving.engine import Engine
+from ft_runner.serving.frontend import Frontend
 
 NAME = "health"
 INPUTS = [Tensor(name="timeout_s", shape=(1,), dtype=np.float32, optional=True)]
@@ -29,7 +29,7 @@ MAX_TIMEOUT_S = 300.0
 
 
 class HealthModel:
-    def __init__(self, engine: Engine, end_id: int, timeout_s: float):
+    def __init__(self, engine: Frontend, end_id: int, timeout_s: float):
         self.engine = engine
         self.end_id = end_id
         self.timeout_s = timeout_s

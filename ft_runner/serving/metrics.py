@@ -28,6 +28,10 @@ class Metrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.running = Gauge("ft_runner:num_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("ft_runner:num_requests_waiting", "Requests waiting for the engine.", registry=r)
+        self.kv_cache_usage = Gauge("ft_runner:kv_cache_usage_perc", "Fraction of KV-cache pages in use (1 = all).",
+                                    registry=r)
+        self.preemptions = Counter("ft_runner:num_preemptions", "Requests preempted for lack of KV-cache pages "
+                                   "(recomputed later).", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -40,11 +44,9 @@ class RequestTimer:
         self.metrics, self.rows = metrics, rows
         self.start = self.last = time.perf_counter()
         self.first = None
-        metrics.waiting.inc(rows)
 
     def started(self) -> None:
-        self.metrics.waiting.dec(self.rows)
-        self.metrics.running.inc(self.rows)
+        """The job left the submission queue (the running and waiting gauges follow the scheduler)."""
 
     def token(self, active_rows: int) -> None:
         now = time.perf_counter()
@@ -59,7 +61,6 @@ class RequestTimer:
 
     def done(self, outcome: str, prompt_tokens: int = 0, generated: int = 0, reasons=()) -> None:
         """`outcome`: success, error or cancelled."""
-        self.metrics.running.dec(self.rows)
         self.metrics.requests.labels(outcome).inc(self.rows)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(generated)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from ft_runner.engine.generator import Batch
 from ft_runner.engine.sampler import Finish
-from ft_runner.serving.engine import Engine, ServerStopping
+from ft_runner.serving.frontend import Frontend, ServerStopping
 
 
 class APIError(Exception):
@@ -63,7 +63,7 @@ class ChatRequest(_Sampling):
 
 
 class OpenAIServer:
-    def __init__(self, engine: Engine, tokenizer, config, model_name: str, max_concurrent: int = 256):
+    def __init__(self, engine: Frontend, tokenizer, config, model_name: str, max_concurrent: int = 256):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.model_name = model_name
         self.max_concurrent = max_concurrent

@@ -58,9 +58,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OpenAI API: requests in flight beyond this are answered 429")
     p.add_argument("--health-timeout-s", type=float, default=10.0,
                    help="the `health` model fails when a one-token generation through all ranks takes longer")
+    _engine_arguments(p)
     p.add_argument("--trust-remote-code", action="store_true", help="let HF run code from the model repo")
     p.add_argument("--verbose", action="store_true")
     return p
+
+
+def _engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The in-flight engine's knobs: config.EngineConfig, whose defaults they show."""
+    from ft_runner.config import EngineConfig
+
+    d = EngineConfig()
+    g = p.add_argument_group("in-flight engine")
+    g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests in the running batch at most")
+    g.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="tokens one step computes at most (prefill chunks and decodes together)")
+    g.add_argument("--kv-block-size", type=int, default=d.kv_block_size, help="tokens per KV-cache page")
+    g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                   help="fraction of GPU memory for weights, activations and the KV cache, which gets the rest")
+    g.add_argument("--kv-cache-blocks", type=int, default=d.kv_cache_blocks,
+                   help="KV-cache pages per rank (0: from free memory; on CPUs from --cpu-kv-cache-gib)")
+    g.add_argument("--cpu-kv-cache-gib", type=float, default=d.cpu_kv_cache_gib, help="the KV cache's size on CPUs")
+    g.add_argument("--max-model-len", type=int, default=d.max_model_len,
+                   help="prompt + output tokens of one request at most (0: the model's context)")
+    g.add_argument("--no-chunked-prefill", action="store_true", help="admit a prompt only when it fits one step")
+    g.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
+
+
+def engine_config(args):
+    from ft_runner.config import EngineConfig
+
+    return EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_block_size=args.kv_block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                        kv_cache_blocks=args.kv_cache_blocks, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+                        max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
+                        cuda_graphs=not args.no_cuda_graphs)
 
 
 def main(argv=None) -> int:
@@ -100,8 +132,10 @@ def _serve(args, comm) -> int:
     from ft_runner import parallel
     from ft_runner.checkpoint.convert import convert
     from ft_runner.checkpoint.load import load_stage
+    from ft_runner.engine.core import EngineCore
     from ft_runner.engine.generator import Generator
     from ft_runner.hub import resolve_model
+    from ft_runner.serving.frontend import Frontend
     from ft_runner.serving.protocol import Channel
 
     runtime = parallel.init_runtime(args.tp, args.pp, args.device)
@@ -120,13 +154,15 @@ def _serve(args, comm) -> int:
     if runtime.rank == 0:  # agree() is an allgather: every rank holds its shard by now
         LOG.info("all %d ranks loaded their shards", runtime.grid.world)
     generator = Generator(stage, runtime)
+    core = EngineCore(stage, runtime, engine_config(args))  # every rank: the cache's size is agreed collectively
     channel = Channel(comm)
-    LOG.info("rank %d: TP %d/%d PP %d/%d on %s, %d layers loaded", runtime.rank, runtime.grid.tp_rank,
-             args.tp, runtime.grid.pp_rank, args.pp, runtime.device, len(stage.layers))
+    LOG.info("rank %d: TP %d/%d PP %d/%d on %s, %d layers loaded, %d KV pages of %d tokens", runtime.rank,
+             runtime.grid.tp_rank, args.tp, runtime.grid.pp_rank, args.pp, runtime.device, len(stage.layers),
+             core.runner.pages, args.kv_block_size)
     if runtime.rank == 0:
-        _serve_rank0(args, ckpt, model_name, generator, channel, runtime)
+        _serve_rank0(args, ckpt, model_name, Frontend(core, generator, channel), runtime)
     else:
-        _serve_worker(generator, channel)
+        _serve_worker(core.runner, generator, channel)
     parallel.shutdown(runtime)
     return 0
 
@@ -169,20 +205,19 @@ def _load(load_stage, ckpt: Path, runtime, dtype: str):
             "spread the model over more ranks (--tp/--pp), use a smaller --data-type, or free memory") from None
 
 
-def _serve_worker(generator, channel) -> None:
+def _serve_worker(runner, generator, channel) -> None:
     from ft_runner.serving.worker import run_worker
 
     # A signal alone does not stop a worker: rank 0 sends STOP once it has drained its requests.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: LOG.warning("signal received; waiting for rank 0 to stop"))
-    run_worker(generator, channel)
+    run_worker(runner, generator, channel)
 
 
-def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
+def _serve_rank0(args, ckpt, model_name, engine, runtime) -> None:
     import transformers
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
-    from ft_runner.serving.engine import Engine
     from ft_runner.serving.health import INPUTS as HEALTH_INPUTS
     from ft_runner.serving.health import NAME as HEALTH
     from ft_runner.serving.health import OUTPUTS as HEALTH_OUTPUTS
@@ -191,7 +226,7 @@ def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
     from ft_runner.serving.triton_patch import CancelListener, ship_stub_patch
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt, trust_remote_code=args.trust_remote_code)
-    engine = Engine(generator, channel)
+    generator = engine.generator
     text_model = TextModel(engine, tokenizer, generator.model.config, args.max_batch_size)
     _expose_libpython()
     config = TritonConfig(

@@ -22,7 +22,7 @@ import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.sampler import Finish
-from ft_runner.serving.engine import Engine
+from ft_runner.serving.frontend import Frontend
 from ft_runner.serving.text_model import INPUTS, text_rows
 from ft_runner.serving.triton_stub import KEY_PARAMETER
 from ft_runner.serving.validation import Limits, RequestError, make_batch
@@ -60,7 +60,7 @@ class _Detokenizer:
 
 
 class StreamModel:
-    def __init__(self, engine: Engine, tokenizer, config, max_batch_size: int = 128):
+    def __init__(self, engine: Frontend, tokenizer, config, max_batch_size: int = 128):
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = Limits.of(config)

@@ -17,7 +17,7 @@ import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.beam import with_beam_axis
-from ft_runner.serving.engine import Engine
+from ft_runner.serving.frontend import Frontend
 from ft_runner.serving.triton_stub import ERROR_OUTPUT
 from ft_runner.serving.validation import (
     Limits,
@@ -52,7 +52,7 @@ OUTPUTS = [
 __all__ = ["ERROR", "INPUTS", "OUTPUTS", "RequestError", "TextModel", "answer_each", "text_rows"]
 
 
-def answer_each(requests, check, engine: Engine, respond) -> list[dict]:
+def answer_each(requests, check, engine: Frontend, respond) -> list[dict]:
     """One response per request: `check(request)` gives its Rows or raises RequestError, which
     becomes that request's own error; the good ones run as one batch on `engine`, and
     `respond(rows, output, rows_slice)` makes each one's response from its slice of the output."""
@@ -110,7 +110,7 @@ def pad_last(array: np.ndarray, width: int, fill=0) -> np.ndarray:
 
 
 class TextModel:
-    def __init__(self, engine: Engine, tokenizer, config, max_batch_size: int = 128):
+    def __init__(self, engine: Frontend, tokenizer, config, max_batch_size: int = 128):
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = Limits.of(config)

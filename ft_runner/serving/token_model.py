@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
-from ft_runner.serving.engine import Engine
+from ft_runner.serving.frontend import Frontend
 from ft_runner.serving.text_model import ERROR, answer_each, pad_last
 from ft_runner.serving.validation import (
     Limits,
@@ -75,7 +75,7 @@ def token_rows(request, limits: Limits) -> Rows:
 
 
 class TokenModel:
-    def __init__(self, engine: Engine, config, max_batch_size: int = 128):
+    def __init__(self, engine: Frontend, config, max_batch_size: int = 128):
         self.engine = engine
         self.limits = Limits.of(config)
         self.model_config = ModelConfig(max_batch_size=max_batch_size)
