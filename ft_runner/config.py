@@ -225,5 +225,7 @@ class EngineConfig:
             raise ConfigError("--kv-cache-blocks and --max-model-len must be >= 0 (0: automatic)")
 
     def model_len(self, model: ModelConfig) -> int:
-        """The longest request (prompt + output) this engine serves."""
-        return min(self.max_model_len or model.max_pos_seq_len, model.max_pos_seq_len)
+        """The longest request (prompt + output) this engine serves: the model's context unless
+        given; learned position tables end there, rotary and ALiBi models may be asked for more."""
+        length = self.max_model_len or model.max_pos_seq_len
+        return min(length, model.max_pos_seq_len) if model.has_positional_encoding else length

@@ -3,8 +3,10 @@
     mpirun -n TP*PP python parity_check.py --model DIR [DIR ...] --out OUT --tp T --pp P [--refs REFS]
 
 For each model directory (HF or Megatron-LM), rank 0 converts it to OUT/<name>/<TP>-gpu and every
-rank loads its shard; then the prompts' logits, their batched greedy continuations and each
-prompt's continuation alone (or the first --solo N) are compared with HF transformers'. The reference comes from
+rank loads its shard; then the prompts' logits, their batched greedy continuations, each
+prompt's continuation alone (or the first --solo N) and the in-flight engine's continuations
+(prompts arriving one per step, a token budget that chunks them, a cache small enough to preempt)
+are compared with HF transformers'. The reference comes from
 REFS/<name>.npz (tiny_families.py writes them) or, without --refs, from HF on rank 0. Prints one
 line `PARITY model=... max_abs_diff=... greedy_equal=...` per model on rank 0 and exits non-zero
 if any model differs.
@@ -22,7 +24,12 @@ import transformers
 from ft_runner import parallel
 from ft_runner.checkpoint.convert import convert
 from ft_runner.checkpoint.load import load_stage
+from ft_runner.config import EngineConfig
+from ft_runner.engine.core import EngineCore
 from ft_runner.engine.generator import Batch, Generator
+from ft_runner.engine.request import SamplingOptions
+from ft_runner.serving.protocol import Channel
+from ft_runner.serving.worker import run_worker
 
 PROMPTS = ["Thank you for", "Q: Are you going for lunch?", "a", "The class statement defines a new class"]
 
@@ -60,6 +67,7 @@ def check(model_dir: Path, args, runtime) -> bool:
     out = generator.generate(batch)
     solo_rows = range(len(prompts) if args.solo is None else args.solo)
     alone = {row: generator.generate(Batch.make([prompts[row]], args.new_tokens, end_id=end_id)) for row in solo_rows}
+    inflight, preempted = run_inflight(stage, generator, runtime, prompts, args.new_tokens)
     del generator, stage
     gc.collect()
     if runtime.rank != 0:
@@ -73,8 +81,41 @@ def check(model_dir: Path, args, runtime) -> bool:
         equal &= got == want == solo
         if got != want or solo != got:
             print(f"{name} row {row}: ours {got}\n        hf   {want}\n        solo {solo}", flush=True)
-    print(f"PARITY model={name} tp={args.tp} pp={args.pp} max_abs_diff={worst:.2e} greedy_equal={equal}", flush=True)
-    return worst <= 1e-4 and equal
+        if inflight[row] != want:
+            print(f"{name} row {row}: in-flight {inflight[row]}\n        hf        {want}", flush=True)
+    same = all(inflight[row] == ref[f"greedy_{row}"].tolist() for row in range(len(prompts)))
+    print(f"PARITY model={name} tp={args.tp} pp={args.pp} max_abs_diff={worst:.2e} greedy_equal={equal} "
+          f"inflight_equal={same} preemptions={preempted}", flush=True)
+    return worst <= 1e-4 and equal and same
+
+
+def run_inflight(stage, generator, runtime, prompts, new_tokens) -> tuple[list[list[int]], int]:
+    """Rank 0: each prompt's greedy sequence through EngineCore, one prompt joining per step; the
+    other ranks follow its plans (serving/worker.py)."""
+    longest = max(len(p) for p in prompts) + new_tokens
+    config = EngineConfig(max_num_seqs=3, max_num_batched_tokens=8, kv_block_size=8, max_model_len=longest,
+                          kv_cache_blocks=-(-longest // 8) + 2)  # room for one request and a bit: preemption
+    channel = Channel(runtime.comm)
+    core = EngineCore(stage, runtime, config, broadcast=channel.send_step if runtime.grid.world > 1 else None)
+    if runtime.rank != 0:
+        run_worker(core.runner, generator, channel)
+        return [], 0
+    sequences = {}
+    for prompt in prompts:  # one joins per step, the earlier ones running
+        sequences[core.add_request(prompt, SamplingOptions(max_tokens=new_tokens))] = list(prompt)
+        drain(core, sequences, steps=1)
+    drain(core, sequences)
+    if runtime.grid.world > 1:
+        channel.send_stop()
+    return list(sequences.values()), core.scheduler.preemptions
+
+
+def drain(core, sequences: dict, steps: int | None = None) -> None:
+    while core.has_unfinished() and steps != 0:
+        for event in core.step():
+            if event.token >= 0:
+                sequences[event.request_id].append(event.token)
+        steps = None if steps is None else steps - 1
 
 
 def main():

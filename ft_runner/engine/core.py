@@ -153,4 +153,5 @@ def make_plan(schedule: Schedule, block_size: int) -> StepPlan:
     return StepPlan(tokens=tokens, positions=positions, cu_seqlens=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
                     context_lens=np.array([r.start for r in rows], dtype=np.int32), block_tables=tables,
                     num_decode=int((counts == 1).sum()),
-                    sample_rows=np.array([i for i, r in enumerate(rows) if r.samples], dtype=np.int64))
+                    sample_rows=np.array([i for i, r in enumerate(rows) if r.samples], dtype=np.int64),
+                    prompt_lens=np.array([r.request.num_prompt for r in rows], dtype=np.int64))

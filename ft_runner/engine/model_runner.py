@@ -38,6 +38,7 @@ class StepPlan:
     block_tables: np.ndarray  # int32 (B, W): each sequence's pages
     num_decode: int  # the first num_decode sequences have one token each
     sample_rows: np.ndarray  # int64 (S,): the sequences whose last token's logits are wanted
+    prompt_lens: np.ndarray  # int64 (B,): each sequence's prompt length (dynamic RoPE)
 
     @property
     def num_seqs(self) -> int:
@@ -65,7 +66,7 @@ class PagedBatch:
     cu_seqlens: torch.Tensor  # int32 (B+1,)
     context_lens: torch.Tensor  # int32 (B,)
     block_tables: torch.Tensor  # int32 (B, W)
-    seq_lens: torch.Tensor  # int64 (N,): each token's sequence length after this step (dynamic RoPE)
+    seq_lens: torch.Tensor  # int64 (N,): the sequence length dynamic RoPE rotates each token for
     last: torch.Tensor  # int64 (S,): the token rows whose logits are wanted
     num_decode: int
     max_query_len: int
@@ -130,7 +131,8 @@ class ModelRunner:
         model = stage.config
         self.fused = decode.fused_decoder(stage, runtime) if decode.unsupported_reason(stage) is None else None
         if self.fused is not None:
-            self.fused.prepare(model.max_pos_seq_len)  # the static engine never needs larger tables
+            # rotary tables for every position either engine reaches (the static one stops at the context)
+            self.fused.prepare(max(model.max_pos_seq_len, config.model_len(model)))
         self.pages = pages
         self.scratch = pages  # the extra page padding rows write into
         self.cache = PagedKVCache.allocate(len(stage.layers), pages + 1, model.local_kv_heads(self.grid.tp),
@@ -191,7 +193,9 @@ class ModelRunner:
     def to_device(self, plan: StepPlan) -> PagedBatch:
         dev = self.device
         counts = np.diff(plan.cu_seqlens)
-        seq_lens = np.repeat(plan.context_lens.astype(np.int64) + counts, counts)
+        # as HF computes it once, whatever the chunking or recomputation: the whole prompt at the prompt's
+        # length, each later token at its own position + 1
+        seq_lens = np.maximum(np.repeat(plan.prompt_lens, counts), plan.positions + 1)
         last = plan.cu_seqlens[1:][plan.sample_rows].astype(np.int64) - 1
         t = {name: torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True) for name, a in (
             ("tokens", plan.tokens), ("positions", plan.positions), ("cu_seqlens", plan.cu_seqlens),

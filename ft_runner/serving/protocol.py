@@ -3,7 +3,7 @@
 A message is a header of five int64s. STEP (the in-flight engine's step, once per step): the
 header holds (STEP, tokens N, sequences B, block-table width W, decodes) and one int64 buffer
 follows: tokens (N), positions (N), cu_seqlens (B+1), context_lens (B), the sampled rows as a
-0/1 mask (B), block tables (B, W). GENERATE (a beam-search batch for the static engine): the
+0/1 mask (B), prompt lengths (B), block tables (B, W). GENERATE (a beam-search batch for the static engine): the
 header holds (GENERATE, batch size, prompt width, stop-word width, bad-word width), then token
 ids (B, S), the integer per-row fields and the float per-row fields of a Batch, then its stop and
 bad word lists (B, 2, L) when their L is not 0.
@@ -58,7 +58,7 @@ class Channel:
         sampled = np.zeros(B, dtype=np.int64)
         sampled[plan.sample_rows] = 1
         self.comm.Bcast(np.concatenate([plan.tokens, plan.positions, plan.cu_seqlens, plan.context_lens, sampled,
-                                        plan.block_tables.ravel()]).astype(np.int64), root=0)
+                                        plan.prompt_lens, plan.block_tables.ravel()]).astype(np.int64), root=0)
 
     def send_stop(self) -> None:
         self._header(Command.STOP, 0, 0, 0, 0)
@@ -92,9 +92,9 @@ class Channel:
         return command, Batch(input_ids=ids, **fields)
 
     def _receive_step(self, N: int, B: int, W: int, decodes: int) -> StepPlan:
-        flat = np.empty(2 * N + (B + 1) + 2 * B + B * W, dtype=np.int64)
+        flat = np.empty(2 * N + (B + 1) + 3 * B + B * W, dtype=np.int64)
         self.comm.Bcast(flat, root=0)
-        tokens, positions, cu, context, sampled, tables = np.split(flat, np.cumsum([N, N, B + 1, B, B]))
+        tokens, positions, cu, context, sampled, prompts, tables = np.split(flat, np.cumsum([N, N, B + 1, B, B, B]))
         return StepPlan(tokens=tokens, positions=positions, cu_seqlens=cu.astype(np.int32),
                         context_lens=context.astype(np.int32), block_tables=tables.reshape(B, W).astype(np.int32),
-                        num_decode=decodes, sample_rows=np.flatnonzero(sampled))
+                        num_decode=decodes, sample_rows=np.flatnonzero(sampled), prompt_lens=prompts)
