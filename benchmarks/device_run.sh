@@ -21,6 +21,11 @@
 #   tp2-bench   (two GPUs) GPT-J bs1 decode, TP=2 then TP=1 (one conversion); run it before the
 #               wheelhouse's part 2 (numpy 1.26.4) is installed
 #   tp2-e2e     (two GPUs) end-to-end server TP=2 (needs both wheelhouse parts installed)
+#   serving     the serving benchmark's GPU workloads on a random Llama-3-8B, fp16, offline
+#               (benchmarks/bench_serving.py): serving-a 1000 x 128/128 and serving-b 1000 x 1000/1000
+#               (ft_runner), serving-c the mixed 512 x 64:512/16:512 at t=0 (ft_runner, ft_runner-static,
+#               hf-cb), serving-d 60 x 512/128 at 1 req/s (ft_runner). All four may pass 10 minutes:
+#               the sub-steps run one each (serving-c: about 5 minutes at most)
 # Two-GPU session, two back-to-back calls (each carries one wheelhouse part):
 #   python3 -m pip install -q --no-index --no-deps .whl/1/*.whl; bash benchmarks/device_run.sh tp2-bench tp2-parity
 #   python3 -m pip install -q --no-index --no-deps .whl/2/*.whl; bash benchmarks/device_run.sh tp2-e2e
@@ -137,6 +142,24 @@ for s in "$@"; do
     $MPI -n 2 $BENCH --tp 2 --models gptj-6b --batch 1 --engines ft_runner > "$OUT/bench_tp.log" 2>&1
     $BENCH --tp 1 --ckpt-tp 2 --models gptj-6b --batch 1 --engines ft_runner >> "$OUT/bench_tp.log" 2>&1
     grep -E "^model|^---|  fp16 |Error|error|Warning: CUDA" "$OUT/bench_tp.log" | tail -12
+    ;;
+  serving|serving-a|serving-b|serving-c|serving-d)
+    step "$s"
+    SERVE="python3 benchmarks/bench_serving.py --offline --model llama-3-8b --dtype fp16 --results $OUT/results"
+    summary() { grep -E "^Engine|^Request rate|^Successful|^Benchmark duration|^Output token|^Median (TTFT|TPOT)|skipping|truncated|Error|error" "$1" | tail -40; }
+    case $s in serving|serving-a)
+      $SERVE --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
+        --workload-name random-1000x128-128 > "$OUT/serving_a.log" 2>&1; summary "$OUT/serving_a.log" ;; esac
+    case $s in serving|serving-b)
+      $SERVE --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 --max-duration-s 180 \
+        --workload-name random-1000x1000-1000 > "$OUT/serving_b.log" 2>&1; summary "$OUT/serving_b.log" ;; esac
+    case $s in serving|serving-c)
+      $SERVE --engines ft_runner,ft_runner-static,hf-cb --num-prompts 512 --input-len 64:512 --output-len 16:512 \
+        --request-rate inf --max-duration-s 150 --workload-name mixed-512 --plot "$OUT/serving_mixed.png" \
+        > "$OUT/serving_c.log" 2>&1; summary "$OUT/serving_c.log" ;; esac
+    case $s in serving|serving-d)
+      $SERVE --engines ft_runner --num-prompts 60 --input-len 512 --output-len 128 --request-rate 1 \
+        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log" ;; esac
     ;;
   *) echo "unknown step $s" ;;
   esac

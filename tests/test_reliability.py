@@ -453,10 +453,10 @@ def test_sigkill_of_rank0_ends_every_rank(server):
 
 
 def test_worker_exception_fails_the_request_clearly_and_ends_the_job(tiny_gpt2, tmp_path):
-    server = fault_server(tiny_gpt2, tmp_path, "worker_forward_raise:1").start()
+    server = fault_server(tiny_gpt2, tmp_path, "worker_forward_raise:4").start()
     try:
         pids = server.rank_pids()
-        assert generate(server, ["Hello"], [4])[0].startswith("Hello")  # batch 0 runs
+        assert generate(server, ["Hello"], [4])[0].startswith("Hello")  # steps 0-3 run
         start = time.time()
         with pytest.raises(InferenceServerException, match=r"generation failed on the rank grid .*restart"):
             generate(server, ["Hello"], [4], timeout=EXIT_DEADLINE_S)
@@ -472,8 +472,8 @@ def test_hung_rank_fails_the_health_probe_then_sigkill_of_it_fails_in_flight_req
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         pids = server.rank_pids()
-        assert health(server)["ok"] is True  # batch 0
-        in_flight = pool.submit(generate, server, ["Hello"], [4], 60)  # batch 1: the worker hangs in it
+        assert health(server)["ok"] is True  # step 0 (one token)
+        in_flight = pool.submit(generate, server, ["Hello"], [4], 60)  # step 1: the worker hangs in it
         time.sleep(1.0)
         start = time.time()
         probe = health(server, timeout_s=2.0)
@@ -493,12 +493,12 @@ def test_hung_rank_fails_the_health_probe_then_sigkill_of_it_fails_in_flight_req
 
 def test_sigterm_to_rank0_completes_in_flight_requests_refuses_new_ones_and_exits_zero(tiny_gpt2, tmp_path):
     """Signalled directly: Open MPI turns a SIGTERM to mpirun into SIGKILL 0.25 s later (cpu_stack.md §4)."""
-    server = fault_server(tiny_gpt2, tmp_path, "worker_delay:3").start()
+    server = fault_server(tiny_gpt2, tmp_path, "worker_delay:1").start()
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
         pids = server.rank_pids()
         in_flight = pool.submit(generate, server, ["Hello there"], [6])
-        time.sleep(1.0)  # the request is now in its 3 s batch
+        time.sleep(1.0)  # the request is now in its 6 steps of 1 s each
         start = time.time()
         os.kill(server.rank0_pid(), signal.SIGTERM)
         time.sleep(0.5)

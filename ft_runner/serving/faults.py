@@ -2,9 +2,11 @@
 
     FT_RUNNER_FAULT_INJECT="KIND:ARG[,KIND:ARG...]"
 
-    worker_forward_raise:N   every worker rank raises in its forward once N batches have run
-    worker_hang:N            every worker rank hangs in its forward once N batches have run
-    worker_delay:S           every worker rank sleeps S seconds at the start of each batch
+    worker_forward_raise:N   every worker rank raises in its forward once N steps have run
+    worker_hang:N            every worker rank hangs in its forward once N steps have run
+    worker_delay:S           every worker rank sleeps S seconds at the start of each step
+
+A step is one in-flight engine step (a request of n new tokens takes n of them) or one beam batch.
     load_oom:R               rank R runs out of memory while it loads its shard
     load_delay:R:S           rank R takes S seconds longer to load its shard
 """
@@ -26,13 +28,13 @@ def _faults() -> dict[str, list[str]]:
     return {kind: args for kind, *args in (item.split(":") for item in spec.split(",") if item)}
 
 
-def before_worker_batch(done: int) -> None:
-    """Called by a worker rank before each batch; `done` batches have run so far."""
+def before_worker_step(done: int) -> None:
+    """Called by a worker rank before each step; `done` steps have run so far."""
     faults = _faults()
     if "worker_delay" in faults:
         time.sleep(float(faults["worker_delay"][0]))
     if "worker_forward_raise" in faults and done >= int(faults["worker_forward_raise"][0]):
-        raise InjectedFault(f"injected fault: worker forward raised after {done} batches ({ENV})")
+        raise InjectedFault(f"injected fault: worker forward raised after {done} steps ({ENV})")
     if "worker_hang" in faults and done >= int(faults["worker_hang"][0]):
         while True:
             time.sleep(1)

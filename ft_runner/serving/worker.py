@@ -16,7 +16,7 @@ def run_worker(runner: ModelRunner, generator: Generator, channel: Channel) -> N
         command, work = channel.receive()
         if command == Command.STOP:
             return
-        faults.before_worker_batch(done)
+        faults.before_worker_step(done)
         if command == Command.STEP:
             runner.run(work)
         else:  # a beam-search batch: the static engine
