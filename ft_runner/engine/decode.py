@@ -351,6 +351,6 @@ class ModuleDecoder:
 
 def full_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """(R, vocab) fp32 from a decoder's logits: TP parts (TP, R, V_local) joined, vocab padding dropped."""
-    if logits.dim() == 3:
-        logits = logits.permute(1, 0, 2).reshape(logits.shape[1], -1)
+    if logits.dim() == 3:  # (an explicit width: a step may sample no row at all)
+        logits = logits.permute(1, 0, 2).reshape(logits.shape[1], logits.shape[0] * logits.shape[2])
     return logits[:, :vocab].float()
