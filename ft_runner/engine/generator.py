@@ -52,6 +52,7 @@ class Batch:
     temperature: np.ndarray  # float32 (B,)
     repetition_penalty: np.ndarray  # float32 (B,)
     presence_penalty: np.ndarray  # float32 (B,)
+    frequency_penalty: np.ndarray  # float32 (B,): OpenAI's; the in-flight engine applies it (not beam search)
     min_length: np.ndarray  # int64 (B,)
     seed: np.ndarray  # int64 (B,)
     beam_width: np.ndarray  # int64 (B,): 1 = greedy / sampling, > 1 = beam search (engine/beam.py)
@@ -71,15 +72,15 @@ class Batch:
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
         defaults = dict(end_id=end_id, top_k=0, top_p=0.0, temperature=1.0, repetition_penalty=1.0,
-                        presence_penalty=0.0, min_length=0, seed=0, beam_width=1, len_penalty=0.0,
-                        diversity_rate=0.0)
+                        presence_penalty=0.0, frequency_penalty=0.0, min_length=0, seed=0, beam_width=1,
+                        len_penalty=0.0, diversity_rate=0.0)
         defaults.update(per_row)
         rows = {name: word_list_batch(defaults.pop(name, None), B) for name in WORD_LISTS}
         for field in dataclasses.fields(cls)[3:]:
             if field.name in WORD_LISTS:
                 continue
             dtype = np.float32 if isinstance(defaults[field.name], float) or field.name in (
-                "top_p", "temperature", "repetition_penalty", "presence_penalty", "len_penalty",
+                "top_p", "temperature", "repetition_penalty", "presence_penalty", "frequency_penalty", "len_penalty",
                 "diversity_rate") else np.int64
             rows[field.name] = np.broadcast_to(np.asarray(defaults[field.name], dtype=dtype), (B,)).copy()
         return cls(ids, lengths, np.broadcast_to(np.asarray(output_lens, np.int64), (B,)).copy(), **rows)

@@ -284,7 +284,7 @@ def row_options(batch: Batch, row: int) -> SamplingOptions:
         max_tokens=int(batch.output_lens[row]), end_id=int(batch.end_id[row]), top_k=int(batch.top_k[row]),
         top_p=float(batch.top_p[row]), temperature=float(batch.temperature[row]),
         repetition_penalty=float(batch.repetition_penalty[row]), presence_penalty=float(batch.presence_penalty[row]),
-        min_length=int(batch.min_length[row]), seed=int(batch.seed[row]), **words)
+        frequency_penalty=float(batch.frequency_penalty[row]), min_length=int(batch.min_length[row]), seed=int(batch.seed[row]), **words)
 
 
 def job_output(batch: Batch, tokens: list[list[int]], logprobs: list[list[float]], codes: list[int]) -> Output:

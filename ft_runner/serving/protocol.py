@@ -23,7 +23,8 @@ from ft_runner.engine.generator import WORD_LISTS, Batch
 from ft_runner.engine.model_runner import StepPlan
 
 INT_FIELDS = ("lengths", "output_lens", "end_id", "top_k", "min_length", "seed", "beam_width")
-FLOAT_FIELDS = ("top_p", "temperature", "repetition_penalty", "presence_penalty", "len_penalty", "diversity_rate")
+FLOAT_FIELDS = ("top_p", "temperature", "repetition_penalty", "presence_penalty", "frequency_penalty", "len_penalty",
+                "diversity_rate")
 POLL_S = 0.0005
 HEADER = 5
 assert {f.name for f in dataclasses.fields(Batch)} == {"input_ids", *INT_FIELDS, *FLOAT_FIELDS, *WORD_LISTS}, \
