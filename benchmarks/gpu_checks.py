@@ -69,12 +69,12 @@ def _with_two_end_tokens(plain: Path, path: Path) -> Path:
     return make_tiny_gpt2(path, eos_token_id=[tokenizer.eos_token_id, new[5]])
 
 
-def hf_reference(model_dir: Path, prompts, dtype, device, ours, alone) -> dict:
-    """HF fp32: prompt logits and scores of our sequences (batched, and each row alone); HF in
-    `dtype`: its own greedy tokens."""
+def hf_reference(model_dir: Path, prompts, dtype, device, ours, alone, inflight=()) -> dict:
+    """HF fp32: prompt logits and scores of our sequences (batched, each row alone, the in-flight
+    engine's); HF in `dtype`: its own greedy tokens."""
     import transformers
 
-    ref = {"logits": [], "scores": [], "alone_scores": [], "greedy": [], "own_rel": 0.0}
+    ref = {"logits": [], "scores": [], "alone_scores": [], "inflight_scores": [], "greedy": [], "own_rel": 0.0}
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     eos = hf.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos  # the padding of generate's output
@@ -90,6 +90,10 @@ def hf_reference(model_dir: Path, prompts, dtype, device, ours, alone) -> dict:
             ref["logits"].append(hf(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy())
             ref["scores"].append(score(hf, ours, row, len(ids)))
             ref["alone_scores"].append(score(hf, alone[row], 0, len(ids)))
+        for seq, ids in zip(inflight, prompts):
+            logp = torch.log_softmax(hf(torch.tensor([seq], device=device)).logits[0].float(), -1)
+            new = torch.tensor(seq[len(ids):], device=device)
+            ref["inflight_scores"].append(logp[len(ids) - 1: len(seq) - 1].gather(1, new[:, None])[:, 0].cpu().numpy())
         hf = hf.to(dtype)
         for row, ids in enumerate(prompts):  # HF's own error in this dtype: the floor for ours
             own = hf(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy()
@@ -141,13 +145,14 @@ def check_model(model_dir: Path, dtype: str, args, runtime) -> bool:
     eager = gen.generate(batch)
     gen.graphs = graphs
     decoder = type(gen.decoder).__name__
+    inflight = inflight_runs(stage, gen, runtime, prompts)
     del gen, stage
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if runtime.rank != 0:
         return True
-    ref = hf_reference(model_dir, prompts, TORCH_DTYPES[dtype], device, out, alone)
+    ref = hf_reference(model_dir, prompts, TORCH_DTYPES[dtype], device, out, alone, inflight["staggered"][0])
     ours = [out.output_ids[r, : out.sequence_lengths[r]].tolist() for r in range(len(prompts))]
     solo = [a.output_ids[0, : a.sequence_lengths[0]].tolist() for a in alone]
     no_graph = [eager.output_ids[r, : eager.sequence_lengths[r]].tolist() for r in range(len(prompts))]
@@ -171,6 +176,7 @@ def check_model(model_dir: Path, dtype: str, args, runtime) -> bool:
     else:  # fp16 / bf16: within 1e-2, or within twice HF's own error in this dtype where that is larger
         limit = max(1e-2, 2 * ref["own_rel"])
         ok = consistent and score_rel <= limit and logit_rel <= limit
+    ok &= check_inflight(inflight, ours, ref, prompts, dtype, model_dir.name)
     print(f"GPUCHECK {'ok  ' if ok else 'FAIL'} model={model_dir.name} dtype={dtype} tp={args.tp} decoder={decoder} "
           f"logits_max_abs={abs_diff:.2e} logits_rel={logit_rel:.2e} (hf_{dtype}_rel={ref['own_rel']:.2e}) "
           f"decode_logprob_rel={score_rel:.2e} "
@@ -180,6 +186,40 @@ def check_model(model_dir: Path, dtype: str, args, runtime) -> bool:
         for r in range(len(prompts)):
             if not ours[r] == solo[r] == no_graph[r]:
                 print(f"  row {r}: batched {ours[r]}\n         alone   {solo[r]}\n         eager   {no_graph[r]}")
+    return ok
+
+
+def inflight_runs(stage, gen, runtime, prompts) -> dict:
+    """The in-flight engine on the same prompts: joining one per step with a budget that chunks them
+    and a cache that forces preemption, and each alone; sequences and log-probs (rank 0)."""
+    from parity_check import run_inflight
+
+    runs = {}
+    for mode, staggered in (("staggered", True), ("alone", False)):
+        seqs, logprobs, preempted = run_inflight(stage, gen, runtime, prompts, NEW_TOKENS, staggered=staggered)
+        runs[mode] = (seqs, logprobs)
+        runs[f"{mode}_preemptions"] = preempted
+    return runs
+
+
+def check_inflight(runs: dict, ours, ref, prompts, dtype: str, name: str) -> bool:
+    """fp32: equal to HF and to each request alone; fp16/bf16: the log-probs of the tokens it chose
+    against HF fp32 within the static engine's bar, the agreeing prefixes reported."""
+    (seqs, logprobs), (solo, _) = runs["staggered"], runs["alone"]
+    vs_alone = min(prefix(a[len(p):], b[len(p):]) for a, b, p in zip(seqs, solo, prompts, strict=True))
+    vs_static = min(prefix(a[len(p):], b[len(p):]) for a, b, p in zip(seqs, ours, prompts, strict=True))
+    vs_hf = min(prefix(a[len(p):], h[len(p):]) for a, h, p in zip(seqs, ref["greedy"], prompts, strict=True))
+    wanted = min(len(h) - len(p) for h, p in zip(ref["greedy"], prompts, strict=True))
+    score_rel = max(rel(lp, sc) for lp, sc in zip(logprobs, ref["inflight_scores"], strict=True))
+    if dtype == "fp32":
+        ok = (seqs == solo and vs_hf >= wanted and [len(s) for s in seqs] == [len(h) for h in ref["greedy"]]
+              and score_rel <= 1e-4)
+    else:  # other batch shapes round differently, so a near-tie may flip: the chosen tokens' scores decide
+        ok = score_rel <= max(1e-2, 2 * ref["own_rel"])
+    print(f"GPUCHECK {'ok  ' if ok else 'FAIL'} inflight model={name} dtype={dtype} decode_logprob_rel={score_rel:.2e} "
+          f"prefix_vs_alone={vs_alone} "
+          f"prefix_vs_static={vs_static} prefix_vs_hf={vs_hf}/{wanted} preemptions={runs['staggered_preemptions']}",
+          flush=True)
     return ok
 
 

@@ -67,7 +67,7 @@ def check(model_dir: Path, args, runtime) -> bool:
     out = generator.generate(batch)
     solo_rows = range(len(prompts) if args.solo is None else args.solo)
     alone = {row: generator.generate(Batch.make([prompts[row]], args.new_tokens, end_id=end_id)) for row in solo_rows}
-    inflight, preempted = run_inflight(stage, generator, runtime, prompts, args.new_tokens)
+    inflight, _, preempted = run_inflight(stage, generator, runtime, prompts, args.new_tokens)
     del generator, stage
     gc.collect()
     if runtime.rank != 0:
@@ -89,32 +89,35 @@ def check(model_dir: Path, args, runtime) -> bool:
     return worst <= 1e-4 and equal and same
 
 
-def run_inflight(stage, generator, runtime, prompts, new_tokens) -> tuple[list[list[int]], int]:
-    """Rank 0: each prompt's greedy sequence through EngineCore, one prompt joining per step; the
-    other ranks follow its plans (serving/worker.py)."""
+def run_inflight(stage, generator, runtime, prompts, new_tokens, config=None, staggered=True):
+    """Rank 0: each prompt's greedy sequence (and its new tokens' log-probs) through EngineCore,
+    one prompt joining per step (`staggered`) or each run alone; the other ranks follow its plans
+    (serving/worker.py). Returns (sequences, log-probs, preemptions); empty lists off rank 0."""
     longest = max(len(p) for p in prompts) + new_tokens
-    config = EngineConfig(max_num_seqs=3, max_num_batched_tokens=8, kv_block_size=8, max_model_len=longest,
-                          kv_cache_blocks=-(-longest // 8) + 2)  # room for one request and a bit: preemption
+    config = config or EngineConfig(max_num_seqs=3, max_num_batched_tokens=8, kv_block_size=8, max_model_len=longest,
+                                    kv_cache_blocks=-(-longest // 8) + 2)  # one request and a bit: preemption
     channel = Channel(runtime.comm)
     core = EngineCore(stage, runtime, config, broadcast=channel.send_step if runtime.grid.world > 1 else None)
     if runtime.rank != 0:
         run_worker(core.runner, generator, channel)
-        return [], 0
-    sequences = {}
-    for prompt in prompts:  # one joins per step, the earlier ones running
-        sequences[core.add_request(prompt, SamplingOptions(max_tokens=new_tokens))] = list(prompt)
-        drain(core, sequences, steps=1)
-    drain(core, sequences)
+        return [], [], 0
+    sequences, logprobs = {}, {}
+    for prompt in prompts:
+        rid = core.add_request(prompt, SamplingOptions(max_tokens=new_tokens))
+        sequences[rid], logprobs[rid] = list(prompt), []
+        drain(core, sequences, logprobs, steps=1 if staggered else None)
+    drain(core, sequences, logprobs)
     if runtime.grid.world > 1:
         channel.send_stop()
-    return list(sequences.values()), core.scheduler.preemptions
+    return list(sequences.values()), list(logprobs.values()), core.scheduler.preemptions
 
 
-def drain(core, sequences: dict, steps: int | None = None) -> None:
+def drain(core, sequences: dict, logprobs: dict, steps: int | None = None) -> None:
     while core.has_unfinished() and steps != 0:
         for event in core.step():
             if event.token >= 0:
                 sequences[event.request_id].append(event.token)
+                logprobs[event.request_id].append(event.logprob)
         steps = None if steps is None else steps - 1
 
 
