@@ -38,7 +38,7 @@ def test_a_long_prompt_is_chunked_to_the_token_budget_and_decodes_come_first():
     run(scheduler, first)
     second = scheduler.schedule()  # a decodes (1 token) and comes first; b takes the rest of the budget
     assert [(r.request.id, r.start, r.count) for r in second.rows] == [(0, 3, 1), (1, 7, 9)]
-    plan = make_plan(second, 4)
+    plan = make_plan(second)
     assert plan.num_decode == 1 and plan.cu_seqlens.tolist() == [0, 1, 10]
     assert plan.positions.tolist() == [3, *range(7, 16)] and plan.context_lens.tolist() == [3, 7]
     assert plan.sample_rows.tolist() == [0]

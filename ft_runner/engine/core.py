@@ -93,7 +93,7 @@ class EngineCore:
         schedule = self.scheduler.schedule()
         if not schedule.rows:
             return events
-        plan = make_plan(schedule, self.config.kv_block_size)
+        plan = make_plan(schedule)
         if self.broadcast is not None:
             self.broadcast(plan)
         logits = self.runner.run(plan)
@@ -141,17 +141,18 @@ class EngineCore:
             torch.cuda.empty_cache()
 
 
-def make_plan(schedule: Schedule, block_size: int) -> StepPlan:
+def make_plan(schedule: Schedule) -> StepPlan:
     rows = schedule.rows
-    counts = np.array([r.count for r in rows], dtype=np.int32)
-    tokens = np.concatenate([np.asarray(r.request.tokens[r.start:r.start + r.count], dtype=np.int64) for r in rows])
-    positions = np.concatenate([np.arange(r.start, r.start + r.count, dtype=np.int64) for r in rows])
+    counts = [r.count for r in rows]
+    tokens = [t for r in rows for t in r.request.tokens[r.start:r.start + r.count]]
+    positions = [p for r in rows for p in range(r.start, r.start + r.count)]
     width = max(len(r.request.block_ids) for r in rows)
     tables = np.zeros((len(rows), width), dtype=np.int32)
     for i, r in enumerate(rows):
         tables[i, :len(r.request.block_ids)] = r.request.block_ids
-    return StepPlan(tokens=tokens, positions=positions, cu_seqlens=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
+    return StepPlan(tokens=np.array(tokens, dtype=np.int64), positions=np.array(positions, dtype=np.int64),
+                    cu_seqlens=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
                     context_lens=np.array([r.start for r in rows], dtype=np.int32), block_tables=tables,
-                    num_decode=int((counts == 1).sum()),
+                    num_decode=sum(c == 1 for c in counts),
                     sample_rows=np.array([i for i, r in enumerate(rows) if r.samples], dtype=np.int64),
                     prompt_lens=np.array([r.request.num_prompt for r in rows], dtype=np.int64))
