@@ -720,10 +720,37 @@ class ModelSource:
         from ft_runner.checkpoint.convert import convert
         from ft_runner.checkpoint.load import load_stage
 
+        if not self.is_dir and not self.args.convert:
+            return random_stage(self.hf_config(), runtime, self.dtype)
         if not (self.hf_dir / "config.json").exists():
             del_and_collect(self.hf_model())
         ckpt = convert(self.hf_dir, self.work / "ft", 1, self.dtype, log=lambda *_: None)
         return load_stage(Path(ckpt), runtime.grid, runtime.tp_group, self.dtype, runtime.device)
+
+
+def random_stage(hf_config, runtime, dtype: str):
+    """An FT stage of the shape's config with random weights made on the device: the engines' speed
+    does not depend on the values, and an 8B model skips minutes of saving, converting and loading."""
+    import dataclasses
+
+    import torch
+
+    from ft_runner.checkpoint.families import family_of
+    from ft_runner.config import SECTIONS, ModelConfig
+    from ft_runner.model.decoder import GPTStage
+
+    family = family_of(hf_config)
+    keys = {**SECTIONS[family.section], **family.config(hf_config)}
+    config = ModelConfig(**{f.name: keys[f.name] for f in dataclasses.fields(ModelConfig) if f.name in keys})
+    torch.manual_seed(0)
+    with torch.device(runtime.device):
+        stage = GPTStage(config, runtime.grid, runtime.tp_group).to(bg.TORCH_DTYPES[dtype])
+    for name, p in stage.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0, 0.02)
+        else:
+            p.fill_(1.0 if "ln" in name or "norm" in name else 0.0)
+    return stage
 
 
 def del_and_collect(*objects) -> None:
@@ -1021,6 +1048,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dtype", choices=sorted(bg.TORCH_DTYPES), default=None, help="default: fp16 on GPUs, fp32 on CPUs")
     o.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     o.add_argument("--workdir", default="/tmp/ft_runner_bench", help="random HF models and FT checkpoints")
+    o.add_argument("--convert", action="store_true",
+                   help="shapes: save the random HF model and convert it (default: FT weights made on the device)")
     o.add_argument("--max-num-seqs", type=int, default=256)
     o.add_argument("--max-num-batched-tokens", type=int, default=8192)
     o.add_argument("--kv-block-size", type=int, default=16)
