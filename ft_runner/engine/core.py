@@ -23,7 +23,7 @@ import torch
 from ft_runner.config import EngineConfig
 from ft_runner.engine.block_manager import BlockManager
 from ft_runner.engine.model_runner import ModelRunner, StepPlan, cache_pages
-from ft_runner.engine.request import Request, SamplingOptions
+from ft_runner.engine.request import PENDING, Request, SamplingOptions, Status
 from ft_runner.engine.sampler import Finish, sample_requests
 from ft_runner.engine.scheduler import Schedule, Scheduler
 
@@ -46,6 +46,34 @@ def agreed_pages(stage, runtime, config: EngineConfig) -> int:
     return int(pages[0])
 
 
+@dataclasses.dataclass
+class _Sampled:
+    """One step's sampled tokens: on the device (the next step may read them there) and on their
+    way to the host."""
+
+    requests: list[Request]
+    tokens: torch.Tensor  # int64 (S,) on the device
+    staged: torch.Tensor  # float64 (2, S) on the host: tokens (exact below 2**53) and log-probs
+    event: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, requests, tokens: torch.Tensor, logprobs: torch.Tensor) -> _Sampled:
+        both = torch.stack([tokens.double(), logprobs.double()])
+        if not tokens.is_cuda:
+            return cls(requests, tokens, both, None)
+        staged = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        staged.copy_(both, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return cls(requests, tokens, staged, event)
+
+    def host(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.event is not None:
+            self.event.synchronize()
+        array = self.staged.numpy()
+        return array[0].astype(np.int64), array[1]
+
+
 class EngineCore:
     def __init__(self, stage, runtime, config: EngineConfig | None = None,
                  broadcast: Optional[Callable[[StepPlan], None]] = None):
@@ -61,6 +89,7 @@ class EngineCore:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # add_request and cancel may come from other threads
         self._incoming: list[Request] = []
+        self._sampled: _Sampled | None = None  # the last step's tokens, not yet read on the host
         self.requests: dict[int, Request] = {}
 
     def add_request(self, prompt: list[int], options: SamplingOptions) -> int:
@@ -85,23 +114,51 @@ class EngineCore:
             request.cancelled = True
 
     def has_unfinished(self) -> bool:
-        return bool(self._incoming) or self.scheduler.has_unfinished()
+        return bool(self._incoming) or self.scheduler.has_unfinished() or self._sampled is not None
 
     def step(self) -> list[TokenEvent]:
-        """One step of every scheduled request; the events of the requests that moved or ended."""
+        """Launch one step of every scheduled request, then read the previous step's tokens while the
+        device runs it; returns the events of the requests that moved or ended (those tokens).
+
+        The step is planned before the previous one's tokens are on the host: a request sampled then
+        takes its new token from the device (StepPlan.token_src). One that turns out to have ended
+        (an end token, a stop word) computed one row for nothing, and its sample is dropped; one
+        that ends by length is not scheduled again at all."""
         events = self._take_incoming()
         schedule = self.scheduler.schedule()
-        if not schedule.rows:
-            return events
-        plan = make_plan(schedule)
-        if self.broadcast is not None:
-            self.broadcast(plan)
-        logits = self.runner.run(plan)
-        self.scheduler.computed(schedule)
-        sampling = [row.request for row in schedule.rows if row.samples]
-        tokens, logprobs = sample_requests(logits, sampling)
-        for request, token, logprob in zip(sampling, tokens, logprobs):
-            finish = request.append(int(token), float(logprob))
+        previous, self._sampled = self._sampled, None
+        logits = None
+        if schedule.rows:
+            plan = make_plan(schedule, previous.requests if previous else ())
+            if self.broadcast is not None:
+                self.broadcast(plan)
+            logits = self.runner.run(plan, previous.tokens if previous else None)
+            self.scheduler.computed(schedule)
+        if previous is not None:
+            events += self._resolve(previous)
+        if logits is not None:
+            self._sample(logits, [row.request for row in schedule.rows if row.samples])
+        return events
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> None:
+        """Sample the step's rows whose requests still run; their tokens travel to the host meanwhile."""
+        live = [i for i, r in enumerate(requests) if r.status != Status.FINISHED]
+        if not live:
+            return
+        if len(live) < len(requests):
+            logits = logits[torch.tensor(live, device=logits.device)]
+            requests = [requests[i] for i in live]
+        tokens, logprobs = sample_requests(logits, requests)
+        for request in requests:
+            request.reserve()
+        self._sampled = _Sampled.start(requests, tokens, logprobs)
+
+    def _resolve(self, sampled: _Sampled) -> list[TokenEvent]:
+        events = []
+        for request, token, logprob in zip(sampled.requests, *sampled.host()):
+            if request.status == Status.FINISHED:  # cancelled meanwhile
+                continue
+            finish = request.resolve(int(token), float(logprob))
             events.append(TokenEvent(request.id, int(token), float(logprob), int(finish)))
             if finish != Finish.RUNNING:
                 self._end(request)
@@ -141,7 +198,8 @@ class EngineCore:
             torch.cuda.empty_cache()
 
 
-def make_plan(schedule: Schedule) -> StepPlan:
+def make_plan(schedule: Schedule, pending: list[Request] = ()) -> StepPlan:
+    """The step's plan; `pending`: the requests whose last token the previous step is still sampling."""
     rows = schedule.rows
     counts = [r.count for r in rows]
     tokens = [t for r in rows for t in r.request.tokens[r.start:r.start + r.count]]
@@ -150,9 +208,14 @@ def make_plan(schedule: Schedule) -> StepPlan:
     tables = np.zeros((len(rows), width), dtype=np.int32)
     for i, r in enumerate(rows):
         tables[i, :len(r.request.block_ids)] = r.request.block_ids
-    return StepPlan(tokens=np.array(tokens, dtype=np.int64), positions=np.array(positions, dtype=np.int64),
+    plan = StepPlan(tokens=np.array(tokens, dtype=np.int64), positions=np.array(positions, dtype=np.int64),
                     cu_seqlens=np.concatenate([[0], np.cumsum(counts)]).astype(np.int32),
                     context_lens=np.array([r.start for r in rows], dtype=np.int32), block_tables=tables,
                     num_decode=sum(c == 1 for c in counts),
                     sample_rows=np.array([i for i, r in enumerate(rows) if r.samples], dtype=np.int64),
                     prompt_lens=np.array([r.request.num_prompt for r in rows], dtype=np.int64))
+    if plan.pending_tokens:  # only decode rows (the first ones, one token each) can be pending
+        index = {id(r): i for i, r in enumerate(pending)}
+        plan.token_src = np.array([index[id(rows[i].request)] if t == PENDING else -1 for i, t in enumerate(tokens)],
+                                  dtype=np.int64)
+    return plan

@@ -39,6 +39,14 @@ class StepPlan:
     num_decode: int  # the first num_decode sequences have one token each
     sample_rows: np.ndarray  # int64 (S,): the sequences whose last token's logits are wanted
     prompt_lens: np.ndarray  # int64 (B,): each sequence's prompt length (dynamic RoPE)
+    # Tokens still being sampled on the device when the plan was made (the engine schedules a step
+    # before it has read the last one's tokens) are -1 in `tokens`; on rank 0 `token_src` (N,) gives
+    # each one's row in the previous step's sampled tokens (-1: the token is known).
+    token_src: np.ndarray | None = None
+
+    @property
+    def pending_tokens(self) -> bool:
+        return bool((self.tokens < 0).any())
 
     @property
     def num_seqs(self) -> int:
@@ -148,13 +156,28 @@ class ModelRunner:
                 and self.grid.pp == 1)
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> torch.Tensor | None:
-        """Logits (S, vocab) fp32 of the plan's sampled rows on rank 0; None on the other ranks."""
+    def run(self, plan: StepPlan, previous: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits (S, vocab) fp32 of the plan's sampled rows on rank 0; None on the other ranks.
+        `previous` (rank 0): the last step's sampled tokens on the device, for the plan's pending ones."""
         if self.graphs is not None and self.graphs.covers(plan):
-            logits = self.graphs.replay(plan)
+            logits = self.graphs.replay(plan, lambda tokens: self.fill_pending(tokens, plan, previous))
         else:
-            logits = self.forward(self.to_device(plan))
+            batch = self.to_device(plan)
+            self.fill_pending(batch.tokens, plan, previous)
+            logits = self.forward(batch)
         return self._to_rank0(logits, len(plan.sample_rows))
+
+    def fill_pending(self, tokens: torch.Tensor, plan: StepPlan, previous: torch.Tensor | None) -> None:
+        """Rank 0 writes the pending tokens from the previous step's samples, on the device, and
+        every rank receives them (one broadcast of the step's token ids)."""
+        if not plan.pending_tokens:
+            return
+        if self.grid.rank == 0:
+            rows = np.flatnonzero(plan.token_src >= 0)
+            src = torch.from_numpy(plan.token_src[rows]).to(self.device, non_blocking=True)
+            tokens[torch.from_numpy(rows).to(self.device, non_blocking=True)] = previous[src]
+        if self.grid.world > 1:
+            dist.broadcast(tokens, src=0)
 
     def forward(self, batch: PagedBatch) -> torch.Tensor | None:
         """This stage's part of the step: full-vocabulary fp32 logits of `batch.last` on the last stage."""
@@ -245,7 +268,7 @@ class DecodeGraphs:
             logits = self.runner.forward(batch)
         return graph, logits
 
-    def replay(self, plan: StepPlan) -> torch.Tensor:
+    def replay(self, plan: StepPlan, fill) -> torch.Tensor:
         rows = next(s for s in self.sizes if s >= plan.num_seqs)
         B, W = plan.block_tables.shape
         host = np.zeros((2, rows), dtype=np.int64)
@@ -254,8 +277,11 @@ class DecodeGraphs:
         tables[:B, :W] = plan.block_tables
         staged = torch.from_numpy(host).pin_memory().to(self.tokens.device, non_blocking=True)
         self.tokens[:rows].copy_(staged[0])
+        fill(self.tokens[:rows])
         self.positions[:rows].copy_(staged[1])
         self.block_tables[:rows].copy_(torch.from_numpy(tables).pin_memory().to(self.tokens.device, non_blocking=True))
         graph, logits = self.graphs[rows]
         graph.replay()
+        if len(plan.sample_rows) == B:  # every decode row samples: the usual case
+            return logits[:B]
         return logits[:B][torch.from_numpy(plan.sample_rows).to(logits.device)]

@@ -13,6 +13,8 @@ import enum
 
 from ft_runner.engine.sampler import Finish
 
+PENDING = -1  # a token id not yet known on the host (engine/core.py: sampled, on its way)
+
 
 class Status(enum.IntEnum):
     WAITING = 0
@@ -81,10 +83,28 @@ class Request:
 
     def append(self, token: int, logprob: float) -> Finish:
         """Record a sampled token; returns (and keeps) the Finish code it leads to."""
-        self.tokens.append(int(token))
+        self.tokens.append(PENDING)
+        return self.resolve(token, logprob)
+
+    def reserve(self) -> None:
+        """A token is being sampled on the device: hold its place (the next step may already read it there)."""
+        self.tokens.append(PENDING)
+
+    def resolve(self, token: int, logprob: float) -> Finish:
+        """The reserved token has arrived; returns (and keeps) the Finish code it leads to."""
+        self.tokens[-1] = int(token)
         self.logprobs.append(float(logprob))
         self.finish = self._finish_after(int(token))
         return self.finish
+
+    @property
+    def pending(self) -> bool:
+        return self.tokens[-1] == PENDING
+
+    @property
+    def done_by_length(self) -> bool:
+        """Will it end at its pending token (its last by max_tokens), so that no step need compute that?"""
+        return self.num_output >= self.options.max_tokens
 
     def _finish_after(self, token: int) -> Finish:
         """End token first, then a stop word, then the length limit (FT's order)."""

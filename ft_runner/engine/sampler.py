@@ -277,8 +277,9 @@ def filter_top_k_top_p(logits, top_k, top_p):
 # the in-flight engine: one row per request, each with its own options and history
 
 
-def sample_requests(logits: torch.Tensor, requests: list) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (S, V) fp32 of S requests (engine/request.py) -> (next tokens, their log-probs), numpy.
+def sample_requests(logits: torch.Tensor, requests: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (S, V) fp32 of S requests (engine/request.py) -> (next tokens, their log-probs), (S,)
+    each on the logits' device (no host sync).
 
     The same processing as the batch path (temperature, penalties, min length, bad words, then
     top-k / top-p and the seeded draw), with each row's draw keyed by its own output count, so a
@@ -289,8 +290,7 @@ def sample_requests(logits: torch.Tensor, requests: list) -> tuple[np.ndarray, n
     logits = logits / temperature[:, None]
     if all(o.greedy and not o.needs_history for o in options):  # the common case: no sort, no draw
         tokens = torch.argmax(logits, dim=-1)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
-        return tokens.cpu().numpy(), logprobs.cpu().numpy()
+        return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
     history = [i for i, o in enumerate(options) if o.needs_history]
     if history:
         logits[history] = _apply_history(logits[history], [requests[i] for i in history])
@@ -301,8 +301,7 @@ def sample_requests(logits: torch.Tensor, requests: list) -> tuple[np.ndarray, n
         min_length=torch.tensor([o.min_length for o in options], device=device),
         seed=torch.tensor([o.seed for o in options], dtype=torch.int64, device=device))
     steps = torch.tensor([r.num_output for r in requests], device=device)
-    tokens, logprobs = sample(logits, params, steps)
-    return tokens.cpu().numpy(), logprobs.cpu().numpy()
+    return sample(logits, params, steps)
 
 
 def _apply_history(logits: torch.Tensor, requests: list) -> torch.Tensor:

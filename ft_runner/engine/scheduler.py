@@ -87,6 +87,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.done_by_length:  # its last token is still being sampled: nothing more to compute
+                index += 1
+                continue
             count = min(request.num_tokens - request.num_computed, budget)
             while not self.blocks.allocate(request, request.num_computed + count):
                 victim = self.running.pop()  # the most recently admitted
