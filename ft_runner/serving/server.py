@@ -103,8 +103,10 @@ def _serve(args, comm) -> int:
     from ft_runner.engine.generator import Generator
     from ft_runner.hub import resolve_model
     from ft_runner.serving.protocol import Channel
+    from ft_runner.serving.quiet import quiet_known_noise
 
     runtime = parallel.init_runtime(args.tp, args.pp, args.device)
+    quiet_known_noise(cpu=runtime.device.type != "cuda")  # every rank: see quiet.py
     dtype = args.data_type if args.data_type != "auto" else ("fp16" if runtime.device.type == "cuda" else "fp32")
     weight_dtype = args.weight_data_type or dtype
 
@@ -180,7 +182,7 @@ def _serve_worker(generator, channel) -> None:
 
 def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
     import transformers
-    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy, TritonSecurityConfig
 
     from ft_runner.serving.engine import Engine
     from ft_runner.serving.health import INPUTS as HEALTH_INPUTS
@@ -208,10 +210,17 @@ def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
     _start_janitor(workspace)
     ship_stub_patch()  # per-request errors and cancellation inside Triton's stubs (triton_stub.py)
     CancelListener(engine, workspace / "cancel.sock")
+    # Listening (its /health 503) before Triton starts, so that once Triton answers ready every front end does.
+    openai = _start_openai(args, engine, tokenizer, generator.model.config, model_name)
     # Triton's model-repository, statistics, trace, logging and shared-memory endpoints need this token
     # (header triton-access-token); without FT_RUNNER_ACCESS_TOKEN it is random and known to no one.
     security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
-    with Triton(config=config, workspace=workspace / "triton", security_config=security) as triton:
+    # A local model store: tritonserver loads every model before it opens its ports, so /v2/health/ready
+    # is never 200 with a model missing, and no model goes through Triton's load API (which leaves a
+    # /tmp/folderXXXXXX copy of each model when tritonserver is killed).
+    policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+    with Triton(config=config, workspace=workspace / "triton", security_config=security,
+                triton_lifecycle_policy=policy) as triton:
         triton.bind(model_name=model_name, infer_func=text_model.infer, inputs=INPUTS, outputs=OUTPUTS,
                     config=text_model.model_config, strict=True)
         _bind_extra_models(triton, args, engine, tokenizer, generator.model.config, model_name)
@@ -219,9 +228,10 @@ def _serve_rank0(args, ckpt, model_name, generator, channel, runtime) -> None:
         triton.bind(model_name=HEALTH, infer_func=health.infer, inputs=HEALTH_INPUTS, outputs=HEALTH_OUTPUTS,
                     config=health.model_config, strict=True)
         triton.run()
+        if openai is not None:
+            openai.ready.set()
         LOG.info("serving model %r on http://%s:%d (gRPC %d, metrics %d); rank 0 pid %d", model_name,
                  args.bind_address, args.http_port, args.grpc_port, args.metrics_port, os.getpid())
-        openai = _start_openai(args, engine, tokenizer, generator.model.config, model_name)
         try:
             _run_engine(engine, stop, runtime.device)
         except Exception as exc:  # before Triton's slow stop(): the failed requests are being answered
@@ -262,7 +272,8 @@ def _start_openai(args, engine, tokenizer, config, model_name):
 
     server = OpenAIServer(engine, tokenizer, config, model_name, args.max_concurrent_requests)
     server.serve_in_thread(args.bind_address, args.openai_port)
-    LOG.info("OpenAI-compatible API on http://%s:%d/v1", args.bind_address, args.openai_port)
+    LOG.info("OpenAI-compatible API on http://%s:%d/v1 (/health 200 once Triton serves too)", args.bind_address,
+             args.openai_port)
     return server
 
 
