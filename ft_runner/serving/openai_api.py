@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +25,9 @@ from ft_runner.engine.generator import Batch
 from ft_runner.engine.sampler import Finish
 from ft_runner.serving.engine import Engine, ServerStopping
 from ft_runner.serving.stops import StopWatch
+
+
+LOG = logging.getLogger("ft_runner")
 
 
 class APIError(Exception):
@@ -370,7 +374,8 @@ class _Stream:
         except RuntimeError as exc:
             yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
         finally:  # also when the client has gone: Starlette then closes this generator
-            self.future.cancel()
+            if self.future.cancel() and None in self.finish:
+                LOG.info("request %s cancelled by its client", self.id)
             self.server.in_flight -= 1
         yield "data: [DONE]\n\n"
 
