@@ -1,6 +1,7 @@
 """The OpenAI-compatible API (issue 9): the official `openai` client against a live mpirun server,
 and the request surface against a real in-process engine."""
 
+import copy
 import json
 import socket
 import threading
@@ -197,13 +198,22 @@ def local_api(tiny_gpt2, tmp_path_factory):
     loop = threading.Thread(target=engine.run, args=(stop,), daemon=True)
     loop.start()
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
-    yield lambda **kw: TestClient(OpenAIServer(engine, tokenizer, engine.generator.model.config, "m", **kw).app)
+
+    def make(no_chat_template=False, **kw):
+        tok = tokenizer
+        if no_chat_template:  # the embedded tokenizer has one
+            tok = copy.copy(tokenizer)
+            tok.chat_template = None
+        return TestClient(OpenAIServer(engine, tok, engine.generator.model.config, "m", **kw).app)
+
+    yield make
     stop.set()
     loop.join(10)
 
 
 def test_a_model_without_chat_template_answers_400(local_api):
-    r = local_api().post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    r = local_api(no_chat_template=True).post("/v1/chat/completions",
+                                              json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
 
 

@@ -26,7 +26,6 @@ from ft_runner.engine.sampler import Finish
 from ft_runner.serving.engine import Engine, ServerStopping
 from ft_runner.serving.stops import StopWatch
 
-
 LOG = logging.getLogger("ft_runner")
 
 

@@ -27,30 +27,33 @@ ACCESS_TOKEN_ENV = "FT_RUNNER_ACCESS_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Serve a HuggingFace causal LM over a TP x PP grid of MPI ranks.")
+    p = argparse.ArgumentParser(description="Serve a HuggingFace causal LM over a TP x PP grid of MPI ranks.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hf-model-name", default=None,
-                   help="hub id or local HF directory (default: the embedded tiny GPT-2, no network)")
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+                   help="hub id or local HF directory (None: the embedded tiny GPT-2, no network)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit; None: main)")
     p.add_argument("--output-dir", default="ft_models", help="where converted checkpoints go")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: the rank's local GPU if there are GPUs, else the CPU")
     p.add_argument("--data-type", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="inference dtype (auto: fp16 on GPUs, fp32 on CPUs)")
     p.add_argument("--weight-data-type", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="dtype of the converted files (default: the inference dtype)")
-    p.add_argument("--model-name", default=None, help="served model name (default: from the model name)")
+                   help="dtype of the converted files (None: the inference dtype)")
+    p.add_argument("--model-name", default=None,
+                   help="served model name (None: the model name with non-word characters replaced by _)")
     p.add_argument("--token-model-name", default="fastertransformer",
                    help="name of the token-id model with fastertransformer_backend's GPT contract")
     p.add_argument("--stream-model-name", default=None,
-                   help="name of the decoupled (streaming) text model (default: <model name>_stream)")
-    p.add_argument("--max-batch-size", type=int, default=128)
+                   help="name of the decoupled (streaming) text model (None: <model name>_stream)")
+    p.add_argument("--max-batch-size", type=int, default=128, help="Triton's dynamic-batching limit (rows)")
     p.add_argument("--bind-address", default="0.0.0.0",
-                   help="address the HTTP, gRPC and metrics ports bind to (default 0.0.0.0, every interface, "
+                   help="address the HTTP, gRPC, metrics and OpenAI ports bind to (0.0.0.0: every interface, "
                         "as FT's example; use 127.0.0.1 to serve this machine only)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port (its nv_* metrics)")
     p.add_argument("--openai-port", type=int, default=0,
                    help="serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics) "
                         "on this port too; 0 = off")
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--health-timeout-s", type=float, default=10.0,
                    help="the `health` model fails when a one-token generation through all ranks takes longer")
     p.add_argument("--trust-remote-code", action="store_true", help="let HF run code from the model repo")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="Triton's verbose log, and log lines from every rank")
     return p
 
 
