@@ -127,8 +127,9 @@ class StreamModel:
         running = np.ones(len(rows), dtype=bool)
         while (event := events.get()) is not None:
             _, tokens, reasons = event
+            counts = [r and not watch.done(b) for b, r in enumerate(running)]  # -1 once a row has finished
             watch.step(tokens, reasons, running)
-            token_ids = [int(t) if r else -1 for t, r in zip(tokens, running)]
+            token_ids = [int(t) if c else -1 for t, c in zip(tokens, counts)]
             running = reasons == Finish.RUNNING
             labels = ["stop_word" if watch.stopped[b] else Finish(int(reasons[b])).label for b in range(len(rows))]
             deltas = [self._delta(watch, b, sent) for b in range(len(rows))]
