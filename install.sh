@@ -92,6 +92,7 @@ if [ -n "$wheelhouse" ]; then
   mkdir -p "$wheelhouse"
   # shellcheck disable=SC2046  # torch_index_args is a list of words
   pip download -q -r "$reqs" -d "$wheelhouse" $(torch_index_args)
+  pip download -q "setuptools>=64" -d "$wheelhouse"  # builds the project itself at --offline time
   echo "wheelhouse: $(find "$wheelhouse" -maxdepth 1 -name '*.whl' | wc -l) wheels in $wheelhouse (torch: $torch_variant," \
        "Python $("$VENV/bin/python" -c 'import platform; print(platform.python_version())'))"
   echo "Next, on the cluster: copy $wheelhouse and this checkout there, then: bash install.sh --offline $wheelhouse"
@@ -104,11 +105,14 @@ if [ "$torch_variant" != skip ] && [ "$current" != none ] && [ "$current" != "$t
   pip uninstall -q -y torch
 fi
 if [ -n "$offline" ]; then
-  pip install -q --no-index --find-links "$offline" -r "$reqs"
+  pip install -q --no-index --find-links "$offline" -r "$reqs" "setuptools>=64"
 else
   # shellcheck disable=SC2046
-  pip install -q -r "$reqs" $(torch_index_args)
+  pip install -q -r "$reqs" "setuptools>=64" $(torch_index_args)
 fi
+# The project itself, editable (a change in the checkout needs no reinstall), with its entry points
+# ft-runner-server, ft-runner-client, ft-runner-convert; its dependencies are the pinned ones above.
+pip install -q --no-deps --no-build-isolation -e .
 pip check >/dev/null || { pip check; exit 1; }
 
 # Check that the parts start: torch (and which build), 2 MPI ranks that talk, PyTriton's tritonserver.
@@ -120,6 +124,7 @@ if [ "$torch_variant" = cuda ] && [ "$build" = cpu ]; then
       "TORCH_CUDA_INDEX=https://download.pytorch.org/whl/cu128 bash install.sh --torch cuda"
 fi
 "$VENV/bin/python" -c "import torch, transformers, pytriton.triton; print('torch', torch.__version__, '|', 'CUDA available' if torch.cuda.is_available() else 'no GPU visible')"
+(cd / && "$VENV/bin/ft-runner-convert" --help >/dev/null) || die "ft_runner is not importable from outside the checkout"
 export PATH="$VENV/bin:$PATH"
 if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
 mpirun --version | head -n 1

@@ -2,7 +2,7 @@
 
 Every sampling flag becomes one of the text model's per-row inputs (FT's names); flags left out
 are not sent, so the server's defaults (greedy) apply. `--stream` uses the decoupled
-`<model>_stream` model over gRPC and prints each token's text as it arrives; `--json` prints one
+`<model>_stream` model over gRPC (an http:// URL maps to port 8001 of its host) and prints each token's text as it arrives; `--json` prints one
 JSON object per prompt instead of the human-readable blocks.
 """
 
@@ -35,32 +35,35 @@ SAMPLING_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Query an ft_runner server.")
-    p.add_argument("--url", default="localhost", help="http://HOST:8000 or grpc://HOST:8001 (default: localhost)")
-    p.add_argument("--model-name", default=DEFAULT_MODEL, help=f"served model name (default: {DEFAULT_MODEL})")
+    p = argparse.ArgumentParser(description="Query an ft_runner server.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--url", default="localhost", help="http://HOST:8000 or grpc://HOST:8001")
+    p.add_argument("--model-name", default=DEFAULT_MODEL, help="served model name")
     p.add_argument("--init-timeout-s", type=float, default=600.0, help="how long to wait for the server")
     p.add_argument("--timeout-s", type=float, default=600.0, help="how long one inference may take")
-    p.add_argument("--prompts", nargs="+",
+    p.add_argument("--prompts", nargs="+", help="the prompts, sent as one batch",
                    default=["Q: How are you?", "Q: How big is the universe?", "1 2 3 4 ", "a b c d "])
-    p.add_argument("--output-len", type=int, default=30)
-    p.add_argument("--beam-width", type=int, default=None, help="beams per prompt (server default 1)")
-    s = p.add_argument_group("sampling (FT semantics; unset = server default: greedy)")
+    p.add_argument("--output-len", type=int, default=30, help="request_output_len: new tokens per prompt")
+    p.add_argument("--beam-width", type=int, default=None, help="beams per prompt (None: the server's 1)")
+    s = p.add_argument_group("sampling (FT semantics; None = the server's default: greedy)")
     s.add_argument("--top-k", type=int, help="runtime_top_k: sample from the k most likely tokens")
     s.add_argument("--top-p", type=float, help="runtime_top_p: sample from the smallest set with this mass")
-    s.add_argument("--temperature", type=float)
+    s.add_argument("--temperature", type=float, help="divides the logits before sampling")
     s.add_argument("--repetition-penalty", type=float, help="multiplicative, 1 = off (not with --presence-penalty)")
     s.add_argument("--presence-penalty", type=float, help="subtracted from seen tokens' logits, 0 = off")
     s.add_argument("--min-length", type=int, help="no end token before this many new tokens")
     s.add_argument("--random-seed", type=int, help="same seed and prompt: same output")
     s.add_argument("--len-penalty", type=float, help="beam scores are divided by length ** len_penalty")
     s.add_argument("--diversity-rate", type=float, help="beam_search_diversity_rate")
-    s.add_argument("--start-id", type=int)
-    s.add_argument("--end-id", type=int)
-    s.add_argument("--stop-words", nargs="+", help="generation stops after any of these strings")
+    s.add_argument("--start-id", type=int, help="the token an empty prompt starts from")
+    s.add_argument("--end-id", type=int, help="the token that ends a generation (None: the model's)")
+    s.add_argument("--stop-words", nargs="+",
+                   help="generation stops at any of these strings, matched on the text; it is cut before them")
     s.add_argument("--bad-words", nargs="+", help="strings never generated")
     s.add_argument("--return-log-probs", action="store_true", help="also return per-token log-probs")
     p.add_argument("--stream", action="store_true",
-                   help="stream tokens as they are generated (gRPC; the <model>_stream model, one prompt at a time)")
+                   help="stream tokens as they are generated (the <model>_stream model over gRPC; an http:// URL "
+                        "is mapped to gRPC port 8001 of its host; one prompt at a time)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p
 

@@ -17,9 +17,10 @@ def request(options, prompt=(3, 4, 4), output=()):
 def test_frequency_penalty_counts_output_occurrences_only():
     logits = torch.randn(1, 10, generator=torch.Generator().manual_seed(0))
     r = request(SamplingOptions(max_tokens=20, frequency_penalty=0.7, temperature=0.5), output=(5, 5, 4, 7))
-    want = logits[0] / 0.5
-    for token, count in ((5, 2), (4, 1), (7, 1)):  # the prompt's 4s do not count
+    want = logits[0].clone()
+    for token, count in ((5, 2), (4, 1), (7, 1)):  # the prompt's 4s do not count; before the temperature
         want[token] -= 0.7 * count
+    want /= 0.5
     token, logprob = sample_requests(logits.clone(), [r])
     assert token[0] == int(torch.argmax(want))
     assert abs(logprob[0] - float(torch.log_softmax(want, -1)[token[0]])) < 1e-5

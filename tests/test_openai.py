@@ -1,6 +1,7 @@
 """The OpenAI-compatible API (issue 9): the official `openai` client against a live mpirun server,
 and the request surface against a real in-process engine."""
 
+import copy
 import json
 import socket
 import threading
@@ -158,7 +159,7 @@ def test_a_client_leaving_mid_stream_is_cancelled(client, server):
 
 @pytest.mark.parametrize("kwargs,param", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
-    (dict(max_tokens=5000), "max_tokens"), (dict(frequency_penalty=0.5), "frequency_penalty"),
+    (dict(max_tokens=5000), "max_tokens"), (dict(frequency_penalty=2.5), "frequency_penalty"),
     (dict(n=0), "n"), (dict(presence_penalty=1.0, extra_body={"repetition_penalty": 1.2}), "presence_penalty"),
     (dict(extra_body={"top_k": -5}), "top_k"),
 ])
@@ -174,7 +175,7 @@ def test_missing_prompt_is_400(client):
         client.post("/completions", body={"model": "tiny_chat_gpt2"}, cast_to=object)
 
 
-# ---- in-process: a real Generator and Engine on one rank, FastAPI's test client
+# ---- in-process: a real engine and Frontend on one rank, FastAPI's test client
 
 
 @pytest.fixture(scope="module")
@@ -198,13 +199,22 @@ def local_api(tiny_gpt2, tmp_path_factory):
     loop = threading.Thread(target=engine.run, args=(stop,), daemon=True)
     loop.start()
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
-    yield lambda **kw: TestClient(OpenAIServer(engine, tokenizer, engine.generator.model.config, "m", **kw).app)
+
+    def make(no_chat_template=False, **kw):
+        tok = tokenizer
+        if no_chat_template:  # the embedded tokenizer has one
+            tok = copy.copy(tokenizer)
+            tok.chat_template = None
+        return TestClient(OpenAIServer(engine, tok, engine.generator.model.config, "m", **kw).app)
+
+    yield make
     stop.set()
     loop.join(10)
 
 
 def test_a_model_without_chat_template_answers_400(local_api):
-    r = local_api().post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    r = local_api(no_chat_template=True).post("/v1/chat/completions",
+                                              json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "no chat template" in r.json()["error"]["message"]
 
 
@@ -221,3 +231,13 @@ def test_streaming_sends_sse_chunks_ending_with_done(local_api):
         events = [line for line in r.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert '"usage"' in events[-2] and '"completion_tokens": 4' in events[-2]
+
+
+def test_frequency_penalty_changes_the_greedy_continuation_as_the_sampler_says(local_api):
+    """OpenAI's frequency_penalty goes to the in-flight sampler (tests/test_inflight_sampler.py checks
+    its arithmetic): a strong one moves a greedy continuation off the tokens it already repeated."""
+    client = local_api()
+    body = dict(model="m", prompt="The class statement defines", max_tokens=24, temperature=0)
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    penalised = client.post("/v1/completions", json={**body, "frequency_penalty": 2.0}).json()
+    assert penalised["choices"][0]["text"] != plain and penalised["usage"]["completion_tokens"] > 0

@@ -111,6 +111,10 @@ def _fuse_cols(*linears) -> torch.Tensor:
     return weight
 
 
+# torch 2.13 renamed all_gather_into_tensor (and warns on each call of the old name); 2.11 has only the old one
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def fused_decoder(stage, runtime) -> FusedDecoder:
     """The stage's one FusedDecoder: fusing rebinds the modules' weights, so it must happen once
     per stage however many engines (in-flight, static) run it."""
@@ -330,7 +334,7 @@ class FusedDecoder:
         if self.group is None:
             return local
         parts = torch.empty((self.grid.tp * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(parts, local.contiguous(), group=self.group)
+        _all_gather(parts, local.contiguous(), group=self.group)
         return parts.view(self.grid.tp, *local.shape)
 
 

@@ -305,7 +305,8 @@ def sample_requests(logits: torch.Tensor, requests: list) -> tuple[torch.Tensor,
 
 
 def _apply_history(logits: torch.Tensor, requests: list) -> torch.Tensor:
-    """Penalties, min length and bad words for rows whose options read their tokens so far."""
+    """Penalties, min length and bad words for rows whose options read their tokens so far; `logits`
+    are divided by the temperature already (FT applies its penalties after it)."""
     counts = _token_counts(logits, [r.tokens for r in requests])
     output_counts = _token_counts(logits, [r.output for r in requests])
     column = lambda name: torch.tensor([getattr(r.options, name) for r in requests],  # noqa: E731
@@ -314,7 +315,8 @@ def _apply_history(logits: torch.Tensor, requests: list) -> torch.Tensor:
     rep = column("repetition_penalty")
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - column("presence_penalty") * seen.to(logits.dtype)
-    logits = logits - column("frequency_penalty") * output_counts
+    # OpenAI's definition: on the logits before temperature (those here are already divided by it)
+    logits = logits - column("frequency_penalty") * output_counts / column("temperature")
     banned = [(row, token) for row, r in enumerate(requests) for token in _banned(r)]
     if banned:
         rows, tokens = zip(*banned)

@@ -2,8 +2,10 @@
 
 Started by rank 0 in its own session, so a signal to mpirun's process groups does not reach it:
 `python -m ft_runner.serving.janitor PID WORKSPACE`. Once PID is gone it removes PyTriton's
-workspace and every shared-memory file in /dev/shm of PyTriton or Open MPI that no live process
-still maps, then exits. After a clean exit of rank 0 there is nothing left for it to do.
+workspace, any copy of a model that tritonserver made for a load through its API (`folderXXXXXX`
+under /tmp or $TMPDIR, whose config.pbtxt names the workspace; server.py's local model store makes
+none, this is for safety) and every shared-memory file in /dev/shm of PyTriton or Open MPI that no
+live process still maps, then exits. After a clean exit of rank 0 there is nothing left for it to do.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +53,23 @@ def files_in_use() -> set[str]:
     return used
 
 
+def model_copies(workspace: Path) -> list[Path]:
+    """tritonserver's temporary copies of models loaded through its API for this workspace."""
+    roots = {Path("/tmp"), Path(tempfile.gettempdir())}
+    found = []
+    for root in roots:
+        for folder in root.glob("folder??????"):
+            try:
+                if str(workspace) in (folder / "config.pbtxt").read_text(errors="replace"):
+                    found.append(folder)
+            except OSError:
+                continue
+    return found
+
+
 def clean(workspace: Path) -> None:
+    for folder in model_copies(workspace):
+        shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(workspace, ignore_errors=True)
     used = files_in_use()
     for path in SHM.iterdir():

@@ -1,13 +1,14 @@
 """OpenAI-compatible REST endpoints on rank 0 (FastAPI + uvicorn), beside Triton's.
 
 POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
-Requests go through the same Engine as Triton's models, so the other ranks never see a difference.
+Requests go through the same Frontend as Triton's models, so the other ranks never see a difference.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 import uuid
@@ -18,16 +19,25 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ft_runner.engine.generator import Batch
 from ft_runner.engine.sampler import Finish
 from ft_runner.serving.frontend import Frontend, ServerStopping
+from ft_runner.serving.stops import StopWatch
+
+LOG = logging.getLogger("ft_runner")
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
+                 code: Union[int, str, None] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.code = status if code is None else code  # vLLM's convention: the HTTP status
+
+
+COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions")  # requests for the model: counted in metrics
 
 
 class _Sampling(BaseModel):
@@ -46,10 +56,13 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: Optional[dict] = None
     ignore_eos: bool = False  # extra (vLLM): for benchmarks
+    min_tokens: int = 0  # extra (vLLM): no end token before this many new tokens
+    stop_token_ids: Optional[list[int]] = None  # extra (vLLM): generating one of these ends the choice
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
+    # text, a batch of texts, token ids, or a batch of token-id lists (as OpenAI and vLLM take)
+    prompt: Union[str, list[str], list[int], list[list[int]]]
 
 
 class ChatMessage(BaseModel):
@@ -69,9 +82,11 @@ class OpenAIServer:
         self.max_concurrent = max_concurrent
         self.in_flight = 0
         self.created = int(time.time())
+        self.ready = threading.Event()  # set by server.py once Triton serves too: /health answers 200 from then
         self.app = self._build()
 
-    def serve_in_thread(self, host: str, port: int) -> threading.Thread:
+    def serve_in_thread(self, host: str, port: int, timeout_s: float = 30.0) -> threading.Thread:
+        """Start uvicorn on its own thread and return once its port listens."""
         import uvicorn
 
         server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning"))
@@ -79,6 +94,11 @@ class OpenAIServer:
         self._uvicorn = server
         thread = threading.Thread(target=server.run, name="openai-api", daemon=True)
         thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the OpenAI API could not start listening on {host}:{port}")
+            time.sleep(0.02)
         return thread
 
     def stop(self) -> None:
@@ -90,17 +110,26 @@ class OpenAIServer:
         app = FastAPI(title="ft_runner OpenAI-compatible API")
 
         @app.exception_handler(APIError)
-        async def api_error(_: Request, exc: APIError):
-            return _error(exc.status, exc.message, exc.param, exc.kind)
+        async def api_error(request: Request, exc: APIError):
+            self._count_refusal(request, exc.status)
+            return _error(exc.status, exc.message, exc.param, exc.kind, exc.code)
 
         @app.exception_handler(RequestValidationError)
-        async def validation_error(_: Request, exc: RequestValidationError):
-            first = exc.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", [])[1:]) or None
-            return _error(400, f"{param}: {first.get('msg')}" if param else str(first.get("msg")), param)
+        async def validation_error(request: Request, exc: RequestValidationError):
+            self._count_refusal(request, 400)
+            message, param = _validation_message(exc.errors()[0])
+            return _error(400, message, param)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(request: Request, exc: StarletteHTTPException):
+            self._count_refusal(request, exc.status_code)
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", None, kind)
 
         @app.get("/health")
         async def health():
+            if not self.ready.is_set():
+                return _error(503, "the server is starting: Triton is not serving yet", None, "server_starting")
             return {"status": "ok"}
 
         @app.get("/v1/models")
@@ -114,14 +143,12 @@ class OpenAIServer:
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest):
-            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-            if not prompts:
-                raise APIError(400, "prompt must not be empty", "prompt")
-            ids = [self._encode(p, "prompt") for p in prompts]
-            return await self._respond(body, ids, chat=False)
+            self._check_model(body.model)
+            return await self._respond(body, self._prompts(body.prompt), chat=False)
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatRequest):
+            self._check_model(body.model)
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise APIError(400, f"model {self.model_name!r} has no chat template: use /v1/completions", "messages")
             if body.max_completion_tokens is not None:
@@ -133,6 +160,33 @@ class OpenAIServer:
         return app
 
     # ---- request handling
+    def _count_refusal(self, request: Request, status: int) -> None:
+        """A refused request for the model counts as `rejected` (the engine counts the ones it runs)."""
+        if request.url.path in COUNTED_PATHS and (400 <= status < 500 or status == 503):
+            self.engine.metrics.requests.labels("rejected").inc()
+
+    def _check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist: this server serves {self.model_name!r}",
+                           "model", code="model_not_found")
+
+    def _prompts(self, prompt) -> list[list[int]]:
+        """Every prompt form OpenAI takes -> token-id lists, each checked."""
+        if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        return [self._encode(p, "prompt") if isinstance(p, str) else self._token_ids(p, i) for i, p in enumerate(prompt)]
+
+    def _token_ids(self, ids: list[int], i: int) -> list[int]:
+        vocab = self.config.vocab_size
+        if not ids:
+            raise APIError(400, f"prompt[{i}] is an empty list of token ids: give at least one", "prompt")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"prompt[{i}] holds token id {bad[0]}, outside the vocabulary [0, {vocab})", "prompt")
+        return list(ids)
+
     def _encode(self, text: str, param: str, special: bool = True) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=special)["input_ids"]
         if not ids:
@@ -154,8 +208,8 @@ class OpenAIServer:
             (body.top_k < -1 or body.top_k > self.config.vocab_size, "top_k",
              f"top_k must be -1, 0 or up to the vocabulary size {self.config.vocab_size}, got {body.top_k}"),
             (not 1 <= body.n <= 16, "n", f"n must be between 1 and 16, got {body.n}"),
-            (body.frequency_penalty != 0, "frequency_penalty",
-             "frequency_penalty is not supported; use presence_penalty or repetition_penalty"),
+            (not -2 <= body.frequency_penalty <= 2, "frequency_penalty",
+             f"frequency_penalty must be in [-2, 2], got {body.frequency_penalty}"),
             (not -2 <= body.presence_penalty <= 2, "presence_penalty",
              f"presence_penalty must be in [-2, 2], got {body.presence_penalty}"),
             (body.repetition_penalty <= 0, "repetition_penalty",
@@ -165,6 +219,10 @@ class OpenAIServer:
             (body.seed is not None and not 0 <= body.seed < 2**63, "seed", f"seed must be in [0, 2^63), got {body.seed}"),
             (isinstance(body.logprobs, int) and not isinstance(body.logprobs, bool) and not 0 <= body.logprobs <= 1,
              "logprobs", "only the sampled token's log-probability is available: logprobs must be 0 or 1"),
+            (not 0 <= body.min_tokens <= max_tokens, "min_tokens",
+             f"min_tokens must be between 0 and max_tokens ({max_tokens}), got {body.min_tokens}"),
+            (any(not 0 <= t < self.config.vocab_size for t in body.stop_token_ids or []), "stop_token_ids",
+             f"stop_token_ids must be token ids in [0, {self.config.vocab_size}), got {body.stop_token_ids}"),
         ]
         for failed, param, message in checks:
             if failed:
@@ -174,15 +232,17 @@ class OpenAIServer:
         seed = body.seed if body.seed is not None else int.from_bytes(uuid.uuid4().bytes[:7], "little")
         seeds = [seed + i for _ in prompts for i in range(body.n)]
         end_id = -1 if body.ignore_eos else self.config.end_id
+        stop_ids = [[[t] for t in body.stop_token_ids or []]] * len(rows)  # one-token FT stop words
         return Batch.make(rows, max_tokens, end_id=end_id, top_k=1 if greedy else max(body.top_k, 0),
                           top_p=0.0 if greedy else float(body.top_p), temperature=max(body.temperature, 1e-6),
                           repetition_penalty=float(body.repetition_penalty),
-                          presence_penalty=float(body.presence_penalty), seed=seeds)
+                          presence_penalty=float(body.presence_penalty),
+                          frequency_penalty=float(body.frequency_penalty), seed=seeds,
+                          min_length=body.min_tokens, stop_words=stop_ids)
 
     async def _respond(self, body: _Sampling, prompts: list[list[int]], chat: bool):
         batch = self._batch(body, prompts)
         if self.in_flight >= self.max_concurrent:
-            self.engine.metrics.requests.labels("rejected").inc()
             raise APIError(429, "the server is overloaded: too many requests in flight, retry later",
                            kind="server_overloaded")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
@@ -202,16 +262,16 @@ class OpenAIServer:
 
 
 class _Stream:
-    """One request in flight: engine tokens -> per-choice text deltas, stop strings, usage."""
+    """One request in flight: engine tokens -> per-choice text deltas, stop strings (stops.py), usage."""
 
     def __init__(self, server: OpenAIServer, batch: Batch, stops: list[str], chat: bool, body: _Sampling):
-        self.server, self.batch, self.stops, self.chat, self.body = server, batch, stops, chat, body
+        self.server, self.batch, self.chat, self.body = server, batch, chat, body
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         n = batch.size
-        self.tokens = [[] for _ in range(n)]
+        self.watch = StopWatch(server.tokenizer, [stops] * n)
+        self.tokens, self.texts = self.watch.tokens, self.watch.texts
         self.logprobs = [[] for _ in range(n)]
-        self.texts = [""] * n
         self.sent = [0] * n  # characters of texts already sent
         self.finish = [None] * n
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -229,50 +289,45 @@ class _Stream:
         self.future.add_done_callback(lambda f: loop.call_soon_threadsafe(self.queue.put_nowait, ("done", f, None)))
 
     async def _events(self):
-        """Yield (row, delta) as text becomes final, then finish reasons; returns when the engine is done."""
+        """Yield (row, delta, finish) as text becomes final, then finish reasons; returns when the engine is done."""
         while True:
             kind, payload, counts = await self.queue.get()
             if kind == "done":
-                output = payload.result()  # raises the engine's error, if any
-                self._finish(output)
+                self._finish(None if payload.cancelled() else payload.result())  # raises the engine's error
                 for row in range(self.batch.size):
                     delta = self.texts[row][self.sent[row]:]
                     self.sent[row] = len(self.texts[row])
                     yield row, delta, self.finish[row]
                 return
             tokens, reasons = payload
-            for row, token in enumerate(tokens):
-                if not counts[row] or self.finish[row] is not None:
-                    continue
-                if reasons[row] == Finish.END_ID:  # end_id, or another of the model's end tokens
-                    self.finish[row] = "stop"
-                    continue
-                self.tokens[row].append(int(token))
+            self.watch.step(tokens, reasons, counts)
+            if self.watch.should_give_up() and not self.body.logprobs:
+                self.future.cancel()  # every choice is done: stop generating (stops.py)
+            for row in range(self.batch.size):
                 delta = self._advance(row)
                 if delta:
                     yield row, delta, None
 
     def _advance(self, row: int) -> str:
-        text = self.server.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-        for stop in self.stops:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, self.finish[row] = text[:cut], "stop"
-        self.texts[row] = text
-        safe = len(text) if self.finish[row] else len(text.rstrip("\ufffd"))
-        # hold back what a stop string might still claim
-        hold = max((len(s) - 1 for s in self.stops), default=0) if not self.finish[row] else 0
-        safe = max(self.sent[row], safe - hold)
+        """The row's new final text: none that a stop string may still claim or that ends mid-character."""
+        text = self.texts[row]
+        safe = len(text) if self.watch.done(row) else len(text.rstrip("\ufffd"))
+        safe = max(self.sent[row], safe - self.watch.held_back(row))
         delta = text[self.sent[row]:safe]
         self.sent[row] = safe
         return delta
 
     def _finish(self, output) -> None:
+        """Finish reasons and log-probs; `output` is None when the job was stopped on stop strings."""
         for row in range(self.batch.size):
             n = len(self.tokens[row])
-            if self.finish[row] is None:
+            if self.watch.stopped[row] or output is None:
+                self.finish[row] = "length" if not self.watch.stopped[row] and not self.watch.end_tokens[row] \
+                    and n >= self.batch.output_lens[row] else "stop"
+            else:
                 self.finish[row] = "length" if output.finish_reason[row] == Finish.LENGTH else "stop"
-            self.logprobs[row] = output.output_log_probs[row, :n].tolist()
+            if output is not None:
+                self.logprobs[row] = output.output_log_probs[row, :n].tolist()
 
     def _usage(self) -> dict:
         prompt = int(self.batch.lengths[:: self.body.n].sum())
@@ -319,12 +374,25 @@ class _Stream:
         except RuntimeError as exc:
             yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
         finally:  # also when the client has gone: Starlette then closes this generator
-            self.future.cancel()
+            if self.future.cancel() and None in self.finish:
+                LOG.info("request %s cancelled by its client", self.id)
             self.server.in_flight -= 1
         yield "data: [DONE]\n\n"
 
 
-def _error(status: int, message: str, param: Optional[str], kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": kind, "param": param, "code": status}})
+def _error(status: int, message: str, param: Optional[str], kind: str = "invalid_request_error",
+           code: Union[int, str, None] = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
+                                                               "code": status if code is None else code}})
+
+
+def _validation_message(error: dict) -> tuple[str, Optional[str]]:
+    """FastAPI's first validation error as one sentence, and the request field it is about."""
+    if error.get("type") == "json_invalid":
+        where = error.get("ctx", {}).get("error", "")
+        return f"the request body is not valid JSON ({where})" if where else "the request body is not valid JSON", None
+    loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+    if not loc:
+        return f"the request body {error.get('msg', 'is invalid').lower()}", None
+    return f"{'.'.join(loc)}: {error.get('msg')}", loc[0]
 

@@ -27,30 +27,33 @@ ACCESS_TOKEN_ENV = "FT_RUNNER_ACCESS_TOKEN"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Serve a HuggingFace causal LM over a TP x PP grid of MPI ranks.")
+    p = argparse.ArgumentParser(description="Serve a HuggingFace causal LM over a TP x PP grid of MPI ranks.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--hf-model-name", default=None,
-                   help="hub id or local HF directory (default: the embedded tiny GPT-2, no network)")
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+                   help="hub id or local HF directory (None: the embedded tiny GPT-2, no network)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit; None: main)")
     p.add_argument("--output-dir", default="ft_models", help="where converted checkpoints go")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: the rank's local GPU if there are GPUs, else the CPU")
     p.add_argument("--data-type", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="inference dtype (auto: fp16 on GPUs, fp32 on CPUs)")
     p.add_argument("--weight-data-type", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="dtype of the converted files (default: the inference dtype)")
-    p.add_argument("--model-name", default=None, help="served model name (default: from the model name)")
+                   help="dtype of the converted files (None: the inference dtype)")
+    p.add_argument("--model-name", default=None,
+                   help="served model name (None: the model name with non-word characters replaced by _)")
     p.add_argument("--token-model-name", default="fastertransformer",
                    help="name of the token-id model with fastertransformer_backend's GPT contract")
     p.add_argument("--stream-model-name", default=None,
-                   help="name of the decoupled (streaming) text model (default: <model name>_stream)")
-    p.add_argument("--max-batch-size", type=int, default=128)
+                   help="name of the decoupled (streaming) text model (None: <model name>_stream)")
+    p.add_argument("--max-batch-size", type=int, default=128, help="Triton's dynamic-batching limit (rows)")
     p.add_argument("--bind-address", default="0.0.0.0",
-                   help="address the HTTP, gRPC and metrics ports bind to (default 0.0.0.0, every interface, "
+                   help="address the HTTP, gRPC, metrics and OpenAI ports bind to (0.0.0.0: every interface, "
                         "as FT's example; use 127.0.0.1 to serve this machine only)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Triton's metrics port (its nv_* metrics)")
     p.add_argument("--openai-port", type=int, default=0,
                    help="serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics) "
                         "on this port too; 0 = off")
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the `health` model fails when a one-token generation through all ranks takes longer")
     _engine_arguments(p)
     p.add_argument("--trust-remote-code", action="store_true", help="let HF run code from the model repo")
-    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="Triton's verbose log, and log lines from every rank")
     return p
 
 
@@ -137,8 +140,10 @@ def _serve(args, comm) -> int:
     from ft_runner.hub import resolve_model
     from ft_runner.serving.frontend import Frontend
     from ft_runner.serving.protocol import Channel
+    from ft_runner.serving.quiet import quiet_known_noise
 
     runtime = parallel.init_runtime(args.tp, args.pp, args.device)
+    quiet_known_noise(cpu=runtime.device.type != "cuda")  # every rank: see quiet.py
     dtype = args.data_type if args.data_type != "auto" else ("fp16" if runtime.device.type == "cuda" else "fp32")
     weight_dtype = args.weight_data_type or dtype
 
@@ -216,7 +221,7 @@ def _serve_worker(runner, generator, channel) -> None:
 
 def _serve_rank0(args, ckpt, model_name, engine, runtime) -> None:
     import transformers
-    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy, TritonSecurityConfig
 
     from ft_runner.serving.health import INPUTS as HEALTH_INPUTS
     from ft_runner.serving.health import NAME as HEALTH
@@ -243,10 +248,17 @@ def _serve_rank0(args, ckpt, model_name, engine, runtime) -> None:
     _start_janitor(workspace)
     ship_stub_patch()  # per-request errors and cancellation inside Triton's stubs (triton_stub.py)
     CancelListener(engine, workspace / "cancel.sock")
+    # Listening (its /health 503) before Triton starts, so that once Triton answers ready every front end does.
+    openai = _start_openai(args, engine, tokenizer, generator.model.config, model_name)
     # Triton's model-repository, statistics, trace, logging and shared-memory endpoints need this token
     # (header triton-access-token); without FT_RUNNER_ACCESS_TOKEN it is random and known to no one.
     security = TritonSecurityConfig(access_token=os.environ.get(ACCESS_TOKEN_ENV) or None)
-    with Triton(config=config, workspace=workspace / "triton", security_config=security) as triton:
+    # A local model store: tritonserver loads every model before it opens its ports, so /v2/health/ready
+    # is never 200 with a model missing, and no model goes through Triton's load API (which leaves a
+    # /tmp/folderXXXXXX copy of each model when tritonserver is killed).
+    policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)
+    with Triton(config=config, workspace=workspace / "triton", security_config=security,
+                triton_lifecycle_policy=policy) as triton:
         triton.bind(model_name=model_name, infer_func=text_model.infer, inputs=INPUTS, outputs=OUTPUTS,
                     config=text_model.model_config, strict=True)
         _bind_extra_models(triton, args, engine, tokenizer, generator.model.config, model_name)
@@ -254,9 +266,10 @@ def _serve_rank0(args, ckpt, model_name, engine, runtime) -> None:
         triton.bind(model_name=HEALTH, infer_func=health.infer, inputs=HEALTH_INPUTS, outputs=HEALTH_OUTPUTS,
                     config=health.model_config, strict=True)
         triton.run()
+        if openai is not None:
+            openai.ready.set()
         LOG.info("serving model %r on http://%s:%d (gRPC %d, metrics %d); rank 0 pid %d", model_name,
                  args.bind_address, args.http_port, args.grpc_port, args.metrics_port, os.getpid())
-        openai = _start_openai(args, engine, tokenizer, generator.model.config, model_name)
         try:
             _run_engine(engine, stop, runtime.device)
         except Exception as exc:  # before Triton's slow stop(): the failed requests are being answered
@@ -297,7 +310,8 @@ def _start_openai(args, engine, tokenizer, config, model_name):
 
     server = OpenAIServer(engine, tokenizer, config, model_name, args.max_concurrent_requests)
     server.serve_in_thread(args.bind_address, args.openai_port)
-    LOG.info("OpenAI-compatible API on http://%s:%d/v1", args.bind_address, args.openai_port)
+    LOG.info("OpenAI-compatible API on http://%s:%d/v1 (/health 200 once Triton serves too)", args.bind_address,
+             args.openai_port)
     return server
 
 

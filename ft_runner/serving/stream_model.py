@@ -7,7 +7,10 @@ outputs, one value per row of the request in every response:
   finish_reason bytes (1,): "" while the row runs, then why it stopped: "length", "end_id" or
     "stop_word" (kept in the row's later responses);
   sequence_length int64 (1,), cum_log_probs float32 (1,): in the last response only.
-The prompt followed by the concatenated texts equals the text model's sentence. Clients: PyTriton's
+The prompt followed by the concatenated texts equals the text model's sentence. With stop_words
+(strings, matched on the text: stops.py) text that a stop string may still claim waits, a row that
+meets one finishes as "stop_word" with its text cut before it, and once every row is done the last
+response comes at once (cum_log_probs NaN then) and the generation is stopped. Clients: PyTriton's
 DecoupledModelClient, tritonclient gRPC `start_stream`, or Triton's HTTP
 `POST /v2/models/<name>/generate_stream` (server-sent events, one per response).
 A client that leaves (gRPC cancel, closed HTTP stream) gets its generation stopped within a few
@@ -16,6 +19,7 @@ steps (triton_stub.py tells the engine).
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 
 import numpy as np
@@ -23,6 +27,7 @@ from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.sampler import Finish
 from ft_runner.serving.frontend import Frontend
+from ft_runner.serving.stops import StopWatch
 from ft_runner.serving.text_model import INPUTS, text_rows
 from ft_runner.serving.triton_stub import KEY_PARAMETER
 from ft_runner.serving.validation import Limits, RequestError, make_batch
@@ -70,16 +75,28 @@ class StreamModel:
     def infer(self, requests):
         """PyTriton decoupled callable: yields one list of responses (one per request) per step."""
         if len(requests) != 1:
+            self.engine.metrics.requests.labels("rejected").inc(len(requests))
             raise RequestError(f"the streaming model takes one request per call, got {len(requests)}")
         yield from ([response] for response in self._stream(requests[0]))
 
+    def _check(self, request):
+        try:
+            rows = text_rows(request, self.tokenizer, self.limits)
+            if rows.beam_width != 1:
+                raise RequestError(f"beam_width[0] = {rows.beam_width} is not allowed here: streaming sends one "
+                                   "token per step, so it needs beam_width 1 (use the non-streaming model for beams)")
+        except RequestError:
+            self.engine.metrics.requests.labels("rejected").inc()
+            raise
+        return rows
+
     def _stream(self, request):
-        rows = text_rows(request, self.tokenizer, self.limits)
-        if rows.beam_width != 1:
-            raise RequestError(f"beam_width[0] = {rows.beam_width} is not allowed here: streaming sends one "
-                               "token per step, so it needs beam_width 1 (use the non-streaming model for beams)")
-        events: queue.Queue = queue.Queue()
+        rows = self._check(request)
         key = (request.parameters or {}).get(KEY_PARAMETER)  # the stub reports the client leaving under it
+        if any(rows.stop_texts):
+            yield from self._stream_cut(rows, key)
+            return
+        events: queue.Queue = queue.Queue()
         future = self.engine.submit_async(make_batch([rows]), on_token=lambda *event: events.put(event), key=key)
         future.add_done_callback(lambda _: events.put(None))
         texts = _Detokenizer(self.tokenizer, rows.prompts)
@@ -88,12 +105,57 @@ class StreamModel:
             _, tokens, reasons = event
             response = self._response(texts, tokens, before, reasons)
             if (reasons != Finish.RUNNING).all():
-                out = future.result()
+                try:
+                    out = future.result()
+                except concurrent.futures.CancelledError:  # its client left: the stub has answered it
+                    return
                 response["sequence_length"] = out.sequence_lengths[:, None].astype(np.int64)
                 response["cum_log_probs"] = out.cum_log_probs[:, None].astype(np.float32)
             yield response
             before = reasons
+        if future.cancelled():  # its client left: the stub has answered it (triton_stub.py)
+            return
         future.result()  # a failed generation ends the stream with its error
+
+    def _stream_cut(self, rows, key):
+        """_stream for rows with stop strings: each step's text once no stop string can claim it."""
+        events: queue.Queue = queue.Queue()
+        future = self.engine.submit_async(make_batch([rows]), on_token=lambda *event: events.put(event), key=key)
+        future.add_done_callback(lambda _: events.put(None))
+        watch = StopWatch(self.tokenizer, rows.stop_texts)
+        sent = [0] * len(rows)
+        running = np.ones(len(rows), dtype=bool)
+        while (event := events.get()) is not None:
+            _, tokens, reasons = event
+            counts = [r and not watch.done(b) for b, r in enumerate(running)]  # -1 once a row has finished
+            watch.step(tokens, reasons, running)
+            token_ids = [int(t) if c else -1 for t, c in zip(tokens, counts)]
+            running = reasons == Finish.RUNNING
+            labels = ["stop_word" if watch.stopped[b] else Finish(int(reasons[b])).label for b in range(len(rows))]
+            deltas = [self._delta(watch, b, sent) for b in range(len(rows))]
+            response = _outputs(token_ids, deltas, labels)
+            if all(watch.done(b) for b in range(len(rows))):
+                if key is not None and future.cancelled():  # its client left: the stub has answered it
+                    return
+                future.cancel()  # nothing more is sent: stop generating (a no-op once it has finished)
+                out = None if future.cancelled() else future.result()
+                kept = [len(p) + len(t) + e for p, t, e in zip(rows.prompts, watch.tokens, watch.end_tokens)]
+                response["sequence_length"] = np.array(kept, dtype=np.int64)[:, None]
+                response["cum_log_probs"] = (np.full((len(rows), 1), np.nan, np.float32) if out is None else
+                                             out.cum_log_probs[:, None].astype(np.float32))
+                yield response
+                return
+            yield response
+        if not future.cancelled():  # else its client left: the stub has answered it
+            future.result()  # a failed generation ends the stream with its error
+
+    @staticmethod
+    def _delta(watch, row: int, sent: list) -> bytes:
+        text = watch.texts[row]
+        safe = len(text) if watch.done(row) else len(text.rstrip("\ufffd"))
+        safe = max(sent[row], safe - watch.held_back(row))
+        delta, sent[row] = text[sent[row]:safe], safe
+        return delta.encode("utf-8")
 
     def _response(self, texts: _Detokenizer, tokens, before, reasons) -> dict:
         token_ids, deltas, labels = [], [], []
@@ -102,8 +164,13 @@ class StreamModel:
             token_ids.append(int(token) if running else -1)
             deltas.append(texts.add(row, token, now != Finish.RUNNING).encode("utf-8") if running else b"")
             labels.append(Finish(int(now)).label.encode("utf-8"))
-        return {
-            "token_id": np.array(token_ids, dtype=np.int32)[:, None],
-            "text": np.array(deltas, dtype=object)[:, None],
-            "finish_reason": np.array(labels, dtype=object)[:, None],
-        }
+        return _outputs(token_ids, deltas, labels)
+
+
+def _outputs(token_ids, deltas, labels) -> dict:
+    return {
+        "token_id": np.array(token_ids, dtype=np.int32)[:, None],
+        "text": np.array(deltas, dtype=object)[:, None],
+        "finish_reason": np.array([label.encode("utf-8") if isinstance(label, str) else label for label in labels],
+                                  dtype=object)[:, None],
+    }

@@ -2,22 +2,30 @@
 
 inputs:  prompts bytes (1,), request_output_len uint32 (1,), beam_width uint32 (1,) optional,
          the optional per-row inputs of validation.py (FT's names: runtime_top_k, temperature, ...),
-         stop_words / bad_words bytes (-1,) optional: per row a list of strings, each one word.
+         stop_words bytes (-1,) optional: per row stop strings, matched on the decoded text whatever its
+         tokenization and cut off as OpenAI does (stops.py); bad_words bytes (-1,) optional: per row strings,
+         each tokenized into one word that is never generated.
 outputs: sentences bytes (-1, 1), sequence_length int64 (-1,), cum_log_probs float32 (-1,): one per beam;
          output_log_probs float32 (-1, -1) (beam x new tokens) when a row sets is_return_log_probs.
 Every row keeps its own parameters and output length (the example took the first row's for the
 whole batch). A bad request is answered with its own error, even when Triton batched it with
 good ones (`answer_each`; its text travels in the `error` output, which the client never sees). `sentences` hold the prompt followed by the generation, as in the example;
-`sequence_length` counts tokens (the example counted characters).
+`sequence_length` counts tokens (the example counted characters). A row cut by a stop string counts
+the tokens up to the one that completed it; when every row of its request is done the request's
+generation is stopped (stops.py), and then its `cum_log_probs` are NaN unless is_return_log_probs
+was set (which lets it run to its end and sums the kept tokens' log-probs).
 """
 
 from __future__ import annotations
+
+import concurrent.futures
 
 import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.beam import with_beam_axis
 from ft_runner.serving.frontend import Frontend
+from ft_runner.serving.stops import StopWatch
 from ft_runner.serving.triton_stub import ERROR_OUTPUT
 from ft_runner.serving.validation import (
     Limits,
@@ -30,6 +38,7 @@ from ft_runner.serving.validation import (
     per_row,
     request_slices,
     row_params,
+    text_strings,
     text_word_lists,
 )
 
@@ -52,23 +61,56 @@ OUTPUTS = [
 __all__ = ["ERROR", "INPUTS", "OUTPUTS", "RequestError", "TextModel", "answer_each", "text_rows"]
 
 
-def answer_each(requests, check, engine: Frontend, respond) -> list[dict]:
+def answer_each(requests, check, engine: Frontend, respond, tokenizer=None) -> list[dict]:
     """One response per request: `check(request)` gives its Rows or raises RequestError, which
-    becomes that request's own error; the good ones run as one batch on `engine`, and
-    `respond(rows, output, rows_slice)` makes each one's response from its slice of the output."""
+    becomes that request's own error (counted as rejected); the good ones run as one batch on
+    `engine`, and `respond(rows, output, rows_slice, watch)` makes each one's response from its slice
+    of the output. A request with stop strings runs as its own job, watched on its text (stops.py):
+    `watch` is its StopWatch (else None) and `output` None when it was stopped early."""
     checked = []
     for request in requests:
         try:
             checked.append(check(request))
         except RequestError as exc:
             checked.append(exc)
+    rejected = sum(isinstance(rows, RequestError) for rows in checked)
+    if rejected:
+        engine.metrics.requests.labels("rejected").inc(rejected)
     good = [rows for rows in checked if isinstance(rows, Rows)]
-    answers = []
-    if good:
-        out = with_beam_axis(engine.submit(make_batch(good)))
-        answers = [respond(rows, out, s) for rows, s in zip(good, request_slices(good))]
-    answers = iter(answers)
-    return [next(answers) if isinstance(rows, Rows) else _error(rows) for rows in checked]
+    plain = [rows for rows in good if not any(rows.stop_texts)]
+    watched = {id(rows): _submit_watched(engine, rows, tokenizer) for rows in good if any(rows.stop_texts)}
+    answers = {}
+    if plain:
+        out = with_beam_axis(engine.submit(make_batch(plain)))
+        answers = {id(rows): respond(rows, out, s, None) for rows, s in zip(plain, request_slices(plain))}
+    for key, (future, watch) in watched.items():
+        out = None if _given_up(future) else with_beam_axis(future.result())
+        answers[key] = respond(next(r for r in good if id(r) == key), out, slice(0, len(watch.tokens)), watch)
+    return [answers[id(rows)] if isinstance(rows, Rows) else _error(rows) for rows in checked]
+
+
+def _submit_watched(engine: Frontend, rows: Rows, tokenizer):
+    """Submit one request whose stop strings are matched on its text; stop it once every row is done."""
+    watch = StopWatch(tokenizer, rows.stop_texts)
+    running = np.ones(len(rows), dtype=bool)
+    box = {}
+
+    def on_token(step, tokens, reasons):  # on the engine thread
+        watch.step(tokens, reasons, running)
+        running[:] = reasons == 0
+        if watch.should_give_up() and not rows.return_log_probs:
+            box["future"].cancel()
+
+    box["future"] = engine.submit_async(make_batch([rows]), on_token)
+    return box["future"], watch
+
+
+def _given_up(future) -> bool:
+    try:
+        future.result()
+    except concurrent.futures.CancelledError:
+        return True
+    return False
 
 
 def _error(exc: RequestError) -> dict:
@@ -84,8 +126,13 @@ def text_rows(request, tokenizer, limits: Limits) -> Rows:
     params = row_params(request, rows, limits)
     start_ids = params["start_id"] if "start_id" in request.keys() else None
     ids = [_tokenize(tokenizer, i, p, start_ids) for i, p in enumerate(prompts)]
-    words = {name: text_word_lists(request, name, rows, tokenizer) for name in WORD_INPUTS}
-    return check_rows(ids, out_lens, params, limits, "prompts", words["stop_words"], words["bad_words"])
+    bad = text_word_lists(request, "bad_words", rows, tokenizer)
+    checked = check_rows(ids, out_lens, params, limits, "prompts", None, bad)
+    checked.stop_texts = text_strings(request, "stop_words", rows)
+    if any(checked.stop_texts) and checked.beam_width != 1:
+        raise RequestError(f"stop_words with beam_width {checked.beam_width} are not supported: stop strings are "
+                           "matched on one text per row; use beam_width 1")
+    return checked
 
 
 def _tokenize(tokenizer, i: int, prompt: bytes, start_ids) -> list[int]:
@@ -119,9 +166,11 @@ class TextModel:
     def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
         return answer_each(requests, lambda request: text_rows(request, self.tokenizer, self.limits), self.engine,
-                           self._response)
+                           self._response, self.tokenizer)
 
-    def _response(self, rows: Rows, out, rows_slice: slice) -> dict:
+    def _response(self, rows: Rows, out, rows_slice: slice, watch=None) -> dict:
+        if watch is not None:
+            return self._cut_response(rows, out, watch)
         W = rows.beam_width
         ids, lengths = out.output_ids[rows_slice, :W], out.sequence_lengths[rows_slice, :W]
         sentences = [[[self.tokenizer.decode(ids[b, w, : lengths[b, w]], skip_special_tokens=True).encode("utf-8")]
@@ -133,4 +182,21 @@ class TextModel:
         }
         if rows.return_log_probs:
             response["output_log_probs"] = pad_last(out.output_log_probs[rows_slice, :W], max(rows.output_lens))
+        return response
+
+    def _cut_response(self, rows: Rows, out, watch) -> dict:
+        """A watched request (beam 1): each row's text cut before its stop string (stops.py)."""
+        kept = [len(t) + e for t, e in zip(watch.tokens, watch.end_tokens)]  # an end token counts, as in FT
+        sentences = [[[(self.tokenizer.decode(p, skip_special_tokens=True) + text).encode("utf-8")]]
+                     for p, text in zip(rows.prompts, watch.texts)]
+        cum = np.full((len(rows), 1), np.nan, dtype=np.float32)
+        response = {"sentences": np.array(sentences, dtype=object),
+                    "sequence_length": np.array([[len(p) + k] for p, k in zip(rows.prompts, kept)], dtype=np.int64)}
+        if out is not None:
+            log_probs = out.output_log_probs[:, 0]
+            cum[:, 0] = [log_probs[b, :k].sum() for b, k in enumerate(kept)]
+            if rows.return_log_probs:
+                mask = np.arange(log_probs.shape[-1])[None, :] < np.array(kept)[:, None]
+                response["output_log_probs"] = pad_last(np.where(mask, log_probs, 0)[:, None], max(rows.output_lens))
+        response["cum_log_probs"] = cum
         return response

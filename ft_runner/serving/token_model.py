@@ -84,7 +84,7 @@ class TokenModel:
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
         return answer_each(requests, lambda request: token_rows(request, self.limits), self.engine, self._response)
 
-    def _response(self, rows: Rows, out, rows_slice: slice) -> dict:
+    def _response(self, rows: Rows, out, rows_slice: slice, watch=None) -> dict:
         W, new = rows.beam_width, max(rows.output_lens)
         width = max(len(p) for p in rows.prompts) + new
         end_ids = rows.params["end_id"].astype(np.int64)[:, None, None]

@@ -19,8 +19,11 @@ _IMPORT = (f"\n\nfrom .{STUB_MODULE} import install as _ft_runner_install  # add
 def ship_stub_patch() -> None:
     """Make PyTriton copy triton_stub.py next to every model's proxy model.py, which imports it.
 
-    PyTriton 0.7 hands Triton each model's files through `Model.get_proxy_model_files`."""
+    PyTriton 0.7 hands Triton each model's files through `Model.get_proxy_model_files` (models loaded
+    over Triton's API) or writes them with `Model.generate_model` (a local model store, server.py)."""
     from pytriton.models.model import Model
+
+    _patch_generate_model(Model)
 
     original = getattr(Model.get_proxy_model_files, "__wrapped__", Model.get_proxy_model_files)
 
@@ -36,6 +39,22 @@ def ship_stub_patch() -> None:
 
     get_proxy_model_files.__wrapped__ = original
     Model.get_proxy_model_files = get_proxy_model_files
+
+
+def _patch_generate_model(Model) -> None:
+    original = getattr(Model.generate_model, "__wrapped__", Model.generate_model)
+
+    def generate_model(self, model_repository: Path) -> None:
+        original(self, model_repository)
+        version = Path(model_repository) / self.model_name / str(self.model_version)
+        model_py = version / "model.py"
+        if not model_py.is_file():
+            raise RuntimeError(f"PyTriton wrote no {model_py}: install the PyTriton version of requirements.txt")
+        model_py.write_bytes(model_py.read_bytes() + _IMPORT)
+        (version / f"{STUB_MODULE}.py").write_bytes(Path(triton_stub.__file__).read_bytes())
+
+    generate_model.__wrapped__ = original
+    Model.generate_model = generate_model
 
 
 class CancelListener:

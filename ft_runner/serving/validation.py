@@ -98,8 +98,9 @@ class Rows:
     prompts: list[list[int]]
     output_lens: list[int]
     params: dict  # name -> (n,) values, for every name in PARAMS
-    stop_words: list  # per row, a list of words (token lists)
+    stop_words: list  # per row, a list of words (token lists): FT's, matched by the engine
     bad_words: list
+    stop_texts: list = dataclasses.field(default_factory=list)  # per row, stop strings matched on text (stops.py)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -219,6 +220,14 @@ def text_word_lists(request, name: str, rows: int, tokenizer) -> list:
                 words.append(tokenizer(text)["input_ids"])
         out.append(words)
     return out
+
+
+def text_strings(request, name: str, rows: int) -> list[list[str]]:
+    """Strings, BYTES (-1,) per row -> per row a list of the non-empty strings."""
+    if name not in request.keys():
+        return [[] for _ in range(rows)]
+    value = np.asarray(request[name], dtype=object).reshape(rows, -1)
+    return [[t for j, item in enumerate(row) if (t := _utf8(item, f"{name}[{i}][{j}]"))] for i, row in enumerate(value)]
 
 
 def check_prompt_bytes(prompts, limits: Limits, name: str = "prompts") -> None:
