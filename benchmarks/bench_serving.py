@@ -711,6 +711,10 @@ class ModelSource:
         import transformers
 
         dtype = bg.TORCH_DTYPES[self.dtype]
+        if not self.is_dir and not self.args.convert:  # random weights made on the device, nothing saved
+            torch.manual_seed(0)
+            with torch.device(self.device):
+                return transformers.AutoModelForCausalLM.from_config(self.hf_config(), dtype=dtype).eval()
         if not self.is_dir:  # saves the random weights (and the tokenizer) the FT engines convert
             return bg.build_hf(self.args.model, dtype, self.device, self.hf_dir)
         with torch.device(self.device):

@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="fp32,fp16")
     p.add_argument("--workdir", default="/tmp/ft_runner_gpu_checks")
     p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--only", default="", help="comma-separated model names (default: every model)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a dry run of this script")
     args = p.parse_args(argv)
     runtime = parallel.init_runtime(args.tp, 1, args.device)
@@ -240,6 +241,8 @@ def main(argv=None) -> int:
     root = Path(args.workdir) / "hf"
     paths = parallel.from_root(runtime.comm, lambda: "\n".join(str(m) for m in make_models(root)))
     for model in paths.split("\n"):
+        if args.only and Path(model).name not in args.only.split(","):
+            continue
         for dtype in args.dtypes.split(","):
             ok &= check_model(Path(model), dtype, args, runtime)
     ok = runtime.comm.bcast(ok, root=0)
