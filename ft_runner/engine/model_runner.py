@@ -78,6 +78,7 @@ class PagedBatch:
     last: torch.Tensor  # int64 (S,): the token rows whose logits are wanted
     num_decode: int
     max_query_len: int
+    prefill_cu: torch.Tensor | None = None  # int32: cu_seqlens of the prefill chunks, from their first token
 
     @property
     def k(self):
@@ -97,7 +98,7 @@ class PagedBatch:
             ops.paged_decode_attention(qkv[:d], k, v, self.block_tables[:d], positions[:d], heads, kv_heads,
                                        head_dim, scale, rope, out[:d])
         if d < qkv.shape[0]:
-            ops.prefill_attention(qkv[d:], k, v, self.block_tables[d:], self.cu_seqlens[d:] - d,
+            ops.prefill_attention(qkv[d:], k, v, self.block_tables[d:], self.prefill_cu,
                                   self.context_lens[d:], self.max_query_len, heads, kv_heads, head_dim, scale,
                                   rope, out=out[d:])
         return out
@@ -223,7 +224,7 @@ class ModelRunner:
         t = {name: torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True) for name, a in (
             ("tokens", plan.tokens), ("positions", plan.positions), ("cu_seqlens", plan.cu_seqlens),
             ("context_lens", plan.context_lens), ("block_tables", plan.block_tables), ("seq_lens", seq_lens),
-            ("last", last))}
+            ("last", last), ("prefill_cu", plan.cu_seqlens[plan.num_decode:] - plan.num_decode))}
         return PagedBatch(self.cache, num_decode=plan.num_decode, max_query_len=int(counts.max(initial=1)), **t)
 
 
