@@ -61,3 +61,20 @@ def test_pip_install_gives_the_package_and_its_commands_outside_the_checkout(tmp
                           "--tp", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "ft" / "2-gpu" / "config.ini").is_file()
+
+
+def test_the_readme_headline_figures_are_the_committed_records():
+    """Each headline row names its record (commit, time) in benchmarks/results and quotes it exactly."""
+    import json
+    import re
+
+    rows = [json.loads(line) for line in (ROOT / "benchmarks/results/2026-11-22_NVIDIA-H200.jsonl").open()]
+    quoted = re.findall(r"^\| (\S+) \| (\d) \| (\d+) \| ([\d.]+) \| (\d+) \| ([^|]*) \| (\w+) (\S+) \|$", README, re.M)
+    assert len(quoted) == 5
+    for model, tp, batch, ms, tok_s, against, commit, time in quoted:
+        match = [r for r in rows if r["engine"] == "ft_runner" and r["model"] == model and r["tp"] == int(tp)
+                 and r["batch"] == int(batch) and r["commit"] == commit and r["time"].startswith(time)]
+        assert len(match) == 1, (model, tp, batch, commit, time)
+        assert f"{match[0]['ms_per_step']:.3f}" == ms and str(round(match[0]["tok_s"])) == tok_s
+        for ratio, engine in re.findall(r"([\d.]+)× HF (eager|compiled)", against):
+            assert f"{match[0]['speedup'][f'hf-{engine}']:.2f}" == ratio, (model, batch, engine)
