@@ -212,6 +212,7 @@ class EngineConfig:
     max_model_len: int = 0  # prompt + output tokens of one request at most; 0: the model's context
     enable_chunked_prefill: bool = True  # long prompts are split over steps to fit the token budget
     cuda_graphs: bool = True  # decode-only steps replay captured graphs (GPUs only)
+    enable_prefix_caching: bool = True  # full KV pages of a prompt are reused by later prompts that start alike
 
     def __post_init__(self):
         for key in ("max_num_seqs", "max_num_batched_tokens", "kv_block_size"):

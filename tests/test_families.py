@@ -57,7 +57,8 @@ def test_every_family_matches_hf(families, tp, pp):
     lines = {m.group(1): m.group(0) for m in re.finditer(r"PARITY model=(\S+) .*", output)}
     assert sorted(lines) == sorted(models), output
     failed = [line for line in lines.values() if "greedy_equal=True" not in line or "inflight_equal=True" not in line
-              or float(line.split("max_abs_diff=")[1].split()[0]) > 1e-4]
+              or "prefix_cache_equal=True" not in line or float(line.split("max_abs_diff=")[1].split()[0]) > 1e-4]
+    assert all("prefix_hits=0" not in line for name, line in lines.items() if name != "llama_dynamic"), output
     assert not failed and result.returncode == 0, output
 
 

@@ -103,3 +103,64 @@ def test_a_request_that_can_never_fit_is_refused_up_front():
         scheduler.check(request(0, 6, max_tokens=8))
     with pytest.raises(ConfigError, match="max_model_len"):
         make()[0].check(request(0, 60, max_tokens=8))
+
+
+def cached(pages=16, block=4, **config):
+    blocks = BlockManager(pages, block, prefix_caching=True)
+    return Scheduler(EngineConfig(kv_block_size=8, **config), blocks, max_model_len=64), blocks
+
+
+def finish_all(scheduler):
+    while scheduler.has_unfinished():
+        schedule = scheduler.schedule()
+        run(scheduler, schedule)
+        for row in schedule.rows:
+            if row.request.finish:
+                scheduler.finish(row.request)
+
+
+def test_a_prompt_starting_like_a_finished_one_shares_its_full_pages_and_computes_the_rest():
+    scheduler, blocks = cached()
+    first = Request(0, list(range(1, 11)), SamplingOptions(max_tokens=2), (0,))  # 10 tokens: 2 full pages
+    scheduler.add(first)
+    finish_all(scheduler)
+    assert len(blocks.cached) == 2 and blocks.usage == 0.0, "its full computed pages stay cached"
+    extended = Request(1, list(range(1, 11)) + [7, 99], SamplingOptions(max_tokens=2), (0,))
+    scheduler.add(extended)
+    row = scheduler.schedule().rows[0]
+    assert (row.start, row.count) == (8, 4) and extended.block_ids[:2] == first_pages(blocks, 2)
+    assert scheduler.prefix_hits == 8 and scheduler.prefix_queries == 10 + 12
+
+
+def first_pages(blocks, n):
+    return sorted(blocks.cached.values())[:n]
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token_and_shared_pages_outlive_each_holder():
+    scheduler, blocks = cached()
+    a = Request(0, list(range(1, 9)), SamplingOptions(max_tokens=1), (0,))  # exactly 2 pages
+    scheduler.add(a)
+    finish_all(scheduler)
+    b, c = (Request(i, list(range(1, 9)), SamplingOptions(max_tokens=5), (0,)) for i in (1, 2))
+    scheduler.add(b)
+    scheduler.add(c)
+    rows = scheduler.schedule().rows
+    assert [(r.start, r.count) for r in rows] == [(4, 4), (4, 4)], "the last page is recomputed: it holds the last token"
+    assert b.block_ids[0] == c.block_ids[0] and blocks.refs[b.block_ids[0]] == 2
+    scheduler.finish(b)
+    assert blocks.refs[c.block_ids[0]] == 1 and c.block_ids[0] not in blocks.evictable
+    scheduler.finish(c)
+    assert c.block_ids == [] and blocks.usage == 0.0
+
+
+def test_cached_pages_are_evicted_least_recently_released_first_only_when_free_ones_run_out():
+    scheduler, blocks = cached(pages=4)
+    old = Request(0, [1, 2, 3, 4, 5], SamplingOptions(max_tokens=1), (0,))
+    scheduler.add(old)
+    finish_all(scheduler)
+    assert len(blocks.cached) == 1 and len(blocks.free) == 3
+    big = Request(1, list(range(10, 25)), SamplingOptions(max_tokens=1), (0,))  # 4 pages: evicts the cached one
+    scheduler.add(big)
+    scheduler.schedule()
+    assert len(blocks.free) == 0 and len(blocks.evictable) == 0
+    assert not any(k[1] == (1, 2, 3, 4) for k in blocks.cached)

@@ -80,7 +80,9 @@ class EngineCore:
         """Every rank builds its ModelRunner at the same point (the page count is agreed collectively)."""
         self.config = config or EngineConfig()
         self.runner = ModelRunner(stage, runtime, self.config, agreed_pages(stage, runtime, self.config))
-        self.blocks = BlockManager(self.runner.pages, self.config.kv_block_size)
+        # dynamic RoPE rotates a prompt's keys by the prompt's length: equal tokens need not mean equal pages
+        caching = self.config.enable_prefix_caching and stage.config.rope_type != "dynamic"
+        self.blocks = BlockManager(self.runner.pages, self.config.kv_block_size, caching)
         self.scheduler = Scheduler(self.config, self.blocks, self.config.model_len(stage.config))
         self.broadcast = broadcast
         model = stage.config

@@ -64,6 +64,17 @@ class Request:
         self.finish = Finish.RUNNING
         self.end_ids = end_ids  # tokens that end it as END_ID (its end_id, and the model's others)
         self.cancelled = False  # set by any thread; the engine acts on it at its next step
+        self.registered = 0  # leading pages the block manager has keyed for prefix caching
+        self._keys: list[tuple[int, tuple[int, ...]]] = []  # block_key of each full page so far
+
+    def block_key(self, index: int, block_size: int) -> tuple[int, tuple[int, ...]]:
+        """Page `index`'s prefix-cache key: its tokens and (through the previous key's hash) every
+        token before them, so equal keys mean equal keys and values in that page."""
+        while len(self._keys) <= index:
+            i = len(self._keys)
+            parent = hash(self._keys[-1]) if self._keys else 0
+            self._keys.append((parent, tuple(self.tokens[i * block_size:(i + 1) * block_size])))
+        return self._keys[index]
 
     @property
     def num_tokens(self) -> int:

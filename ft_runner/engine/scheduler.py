@@ -6,8 +6,9 @@ prompt takes the next chunk that fits the budget (chunked prefill). Waiting requ
 behind them, first come first served, while budget, rows and KV pages last. When a running
 request needs a page and none is free, the most recently admitted running request is preempted:
 its pages are freed and it waits at the head of the queue to be recomputed (prompt and output so
-far) once pages free up. A request is never failed for lack of KV cache: `add` refuses at once
-a request that could not fit alone.
+far) once pages free up. A request is never failed for lack of KV cache: `check` refuses at once
+a request that could not fit alone. With prefix caching, a request starts past the longest run of
+full pages some earlier request computed with the same tokens (block_manager.py).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.preemptions = 0
+        self.prefix_queries = 0  # prompt tokens of requests admitted (vLLM's prefix_cache_queries, in tokens)
+        self.prefix_hits = 0  # of those, tokens found in the prefix cache
 
     def check(self, request: Request) -> None:
         """Refuse, before it is queued, a request that could never run (a clear ConfigError)."""
@@ -106,11 +109,16 @@ class Scheduler:
         rows = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            hit = self.blocks.share_prefix(request) if request.num_computed == 0 else 0
+            request.num_computed += hit
             count = min(request.num_tokens - request.num_computed, budget)
-            if count < request.num_tokens - request.num_computed and not self.config.enable_chunked_prefill:
+            chunk_refused = count < request.num_tokens - request.num_computed and not self.config.enable_chunked_prefill
+            if chunk_refused or not self.blocks.allocate(request, request.num_computed + count):
+                self.blocks.release(request)  # give back the shared pages: it waits as it was
+                request.num_computed -= hit
                 break
-            if not self.blocks.allocate(request, request.num_computed + count):
-                break
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += hit
             self.waiting.popleft()
             request.status = Status.RUNNING
             self.running.append(request)
@@ -130,6 +138,7 @@ class Scheduler:
         """The step ran: its tokens' keys and values are in the cache."""
         for row in schedule.rows:
             row.request.num_computed = row.start + row.count
+            self.blocks.register(row.request)
 
     def finish(self, request: Request) -> None:
         """Take a finished or cancelled request out of the queues and free its pages."""

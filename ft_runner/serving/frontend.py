@@ -97,7 +97,7 @@ class Frontend:
         self._rows: dict[int, tuple[_Job, int]] = {}  # engine request id -> (job, row)
         self._live: list[_Job] = []  # jobs with rows in the engine
         self._beams: collections.deque[_Job] = collections.deque()
-        self._preemptions = 0
+        self._counted = (0, 0, 0)  # the scheduler's preemptions, prefix queries and hits at the last look
         self._arrived = threading.Event()
         if channel.comm.Get_size() > 1:
             core.broadcast = channel.send_step
@@ -245,8 +245,11 @@ class Frontend:
         self.metrics.running.set(len(scheduler.running))
         self.metrics.waiting.set(len(scheduler.waiting) + self.jobs.qsize())
         self.metrics.kv_cache_usage.set(self.core.kv_cache_usage)
-        self.metrics.preemptions.inc(scheduler.preemptions - self._preemptions)
-        self._preemptions = scheduler.preemptions
+        counts = (scheduler.preemptions, scheduler.prefix_queries, scheduler.prefix_hits)
+        for counter, now, before in zip((self.metrics.preemptions, self.metrics.prefix_queries,
+                                         self.metrics.prefix_hits), counts, self._counted):
+            counter.inc(now - before)
+        self._counted = counts
 
     def stop_accepting(self) -> None:
         """Refuse new requests from now on; the accepted ones still run (a drain). Safe from a signal handler."""

@@ -30,6 +30,10 @@ class Metrics:
         self.waiting = Gauge("ft_runner:num_requests_waiting", "Requests waiting for the engine.", registry=r)
         self.kv_cache_usage = Gauge("ft_runner:kv_cache_usage_perc", "Fraction of KV-cache pages in use (1 = all).",
                                     registry=r)
+        self.prefix_queries = Counter("ft_runner:prefix_cache_queries", "Prompt tokens looked up in the prefix "
+                                      "cache.", registry=r)
+        self.prefix_hits = Counter("ft_runner:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                                   registry=r)
         self.preemptions = Counter("ft_runner:num_preemptions", "Requests preempted for lack of KV-cache pages "
                                    "(recomputed later).", registry=r)
 

@@ -86,6 +86,8 @@ def _engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt + output tokens of one request at most (0: the model's context)")
     g.add_argument("--no-chunked-prefill", action="store_true", help="admit a prompt only when it fits one step")
     g.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
+    g.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt in full (default: reuse the KV pages of a prompt's cached prefix)")
 
 
 def engine_config(args):
@@ -95,7 +97,7 @@ def engine_config(args):
                         kv_block_size=args.kv_block_size, gpu_memory_utilization=args.gpu_memory_utilization,
                         kv_cache_blocks=args.kv_cache_blocks, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                         max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
-                        cuda_graphs=not args.no_cuda_graphs)
+                        cuda_graphs=not args.no_cuda_graphs, enable_prefix_caching=not args.no_prefix_caching)
 
 
 def main(argv=None) -> int:
