@@ -63,8 +63,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_generate as bg  # noqa: E402
 
 ROOT = bg.ROOT
-ENGINES = ("ft_runner", "ft_runner-static", "hf-cb")
-FT_ENGINES = ("ft_runner", "ft_runner-static")
+ENGINES = ("ft_runner", "ft_runner-no-prefix-cache", "ft_runner-static", "hf-cb")
+FT_ENGINES = ("ft_runner", "ft_runner-no-prefix-cache", "ft_runner-static")
+INFLIGHT = ("ft_runner", "ft_runner-no-prefix-cache")  # the in-flight engine, with and without prefix caching
 SLO_KEYS = ("ttft", "tpot", "e2e")
 PENDING = "not finished"
 CUT = "cut by --max-duration-s"
@@ -96,13 +97,15 @@ def range_label(span: tuple[int, int]):
     return span[0] if span[0] == span[1] else f"{span[0]}:{span[1]}"
 
 
-def make_workload(num: int, input_len, output_len, vocab: int, avoid, seed: int) -> list[Request]:
-    """Prompts of uniform random lengths and token ids (never one of `avoid`), and output lengths."""
+def make_workload(num: int, input_len, output_len, vocab: int, avoid, seed: int, shared_prefix: int = 0) -> list[Request]:
+    """Prompts of uniform random lengths and token ids (never one of `avoid`), each after the same
+    `shared_prefix` random tokens (a system prompt), and output lengths."""
     rng = np.random.default_rng(seed)
     ins = rng.integers(input_len[0], input_len[1] + 1, size=num)
     outs = rng.integers(output_len[0], output_len[1] + 1, size=num)
     allowed = np.setdiff1d(np.arange(vocab), np.asarray(list(avoid), dtype=np.int64))
-    return [Request(i, allowed[rng.integers(0, len(allowed), size=int(n))].tolist(), int(m))
+    prefix = allowed[rng.integers(0, len(allowed), size=shared_prefix)].tolist()
+    return [Request(i, prefix + allowed[rng.integers(0, len(allowed), size=int(n))].tolist(), int(m))
             for i, (n, m) in enumerate(zip(ins, outs))]
 
 
@@ -488,28 +491,27 @@ class TritonBackend:
 # --- backend: in-process engines --------------------------------------------------------------------
 
 
-def engine_config(args):
+def engine_config(args, prefix_caching: bool = True):
     from ft_runner.config import EngineConfig
 
     return EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_block_size=args.kv_block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-                        kv_cache_blocks=args.kv_cache_blocks)
+                        kv_cache_blocks=args.kv_cache_blocks, enable_prefix_caching=prefix_caching)
 
 
 class InflightRunner:
     """The in-flight engine (EngineCore): arrived requests join before every step."""
 
-    name = "ft_runner"
-
-    def __init__(self, stage, runtime, args):
-        self.stage, self.runtime, self.args = stage, runtime, args
+    def __init__(self, stage, runtime, args, name: str = "ft_runner"):
+        self.stage, self.runtime, self.args, self.name = stage, runtime, args, name
         self.core = None
 
     def run(self, requests: list[Request], cap: Optional[float] = None) -> tuple[list[RequestResult], float]:
         from ft_runner.engine.core import EngineCore
 
         if self.core is None:
-            self.core = EngineCore(self.stage, self.runtime, engine_config(self.args))
+            config = engine_config(self.args, prefix_caching=self.name == "ft_runner")
+            self.core = EngineCore(self.stage, self.runtime, config)
         track, t0 = Tracker(), clock()
         admission, deadline = Admission(requests, self.args.max_concurrency, t0), deadline_of(cap, t0)
         ids: dict[int, int] = {}
@@ -775,7 +777,10 @@ def offline_runners(args, source: ModelSource, runtime):
             runner = HFContinuousRunner(source.hf_model(), args, runtime.device)
         else:
             stage = stage if stage is not None else source.ft_stage(runtime)
-            runner = (InflightRunner if engine == "ft_runner" else StaticRunner)(stage, runtime, args)
+            if engine in INFLIGHT:
+                runner = InflightRunner(stage, runtime, args, engine)
+            else:
+                runner = StaticRunner(stage, runtime, args)
         if not any(e in FT_ENGINES for e in args.engines[pos + 1:]):
             stage = None
         yield engine, runner
@@ -817,6 +822,7 @@ def make_row(args, info: RunInfo, engine: str, rate: float, summary: dict, extra
                time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                torch=torch.__version__, transformers=transformers.__version__, workload=args.workload_name,
                num_requests=args.num_prompts, input_len=range_label(args.input_len),
+               shared_prefix_len=args.shared_prefix_len,
                output_len=range_label(args.output_len), seed=args.seed,
                request_rate="inf" if math.isinf(rate) else rate, burstiness=args.burstiness,
                max_concurrency=args.max_concurrency)
@@ -926,7 +932,7 @@ def run_online(args) -> tuple[list[dict], str]:
     tokenizer = tokenizer_for(args)
     avoid = set(tokenizer.all_special_ids) | {tokenizer.eos_token_id} - {None}
     requests = make_workload(args.num_prompts, args.input_len, args.output_len, args.vocab_size or len(tokenizer),
-                             avoid, args.seed)
+                             avoid, args.seed, args.shared_prefix_len)
     backend = (OpenAIBackend if args.backend == "openai" else TritonBackend)(args, tokenizer)
     gpu = args.gpu or bg.gpu_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.backend == "openai":  # the served name is asked for before the first row is labelled
@@ -954,7 +960,8 @@ def run_offline(args) -> tuple[list[dict], str]:
     dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     source = ModelSource(args, device, dtype)
     vocab, ends = source.vocab_and_ends()
-    requests = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, ends, args.seed)
+    requests = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, ends, args.seed,
+                             args.shared_prefix_len)
     info = RunInfo(source.key, dtype, 1, 1, bg.gpu_name(device))
     args.engines = usable_engines(args.engines, device)
     rows = []
@@ -968,7 +975,7 @@ def usable_engines(engines: list[str], device) -> list[str]:
     out = []
     for engine in engines:
         reason = hf_cb_unsupported(device) if engine == "hf-cb" else None
-        if engine == "ft_runner" and reason is None:
+        if engine in INFLIGHT and reason is None:
             try:
                 import ft_runner.engine.core  # noqa: F401
             except ImportError as exc:
@@ -1020,6 +1027,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("workload")
     w.add_argument("--num-prompts", type=int, default=100)
     w.add_argument("--input-len", type=parse_range, default=parse_range("128"), help="N or A:B (uniform)")
+    w.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="every prompt starts with the same this many tokens (before its --input-len own ones)")
     w.add_argument("--output-len", type=parse_range, default=parse_range("128"), help="N or A:B (uniform)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--request-rate", type=parse_rates, default=[math.inf], help="req/s, comma-separated; inf = "

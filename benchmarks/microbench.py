@@ -1,6 +1,6 @@
 """Per-kernel timings on one GPU, to tune the decode kernels (not part of any test).
 
-    python3 benchmarks/microbench.py [--sweep] [--parts gemv,skinny,attention,other]
+    python3 benchmarks/microbench.py [--sweep] [--parts gemv,skinny,attention,other,paged]
 
 Each kernel is timed the way the engine runs it: as a CUDA graph of many back-to-back launches,
 each on its own copy of the weights or KV cache (so the L2 cache never holds them), replayed and
@@ -175,6 +175,102 @@ def bench_attention(sweep: bool) -> None:
         print(line, flush=True)
 
 
+LLAMA3 = (32, 8, 128)  # heads, kv_heads, head_dim
+
+
+def graph_bench_us(launch, copies: int) -> float:
+    """triton.testing.do_bench's median per launch of a CUDA graph of `copies` launches (copy i each)."""
+    import triton.testing
+
+    for i in range(copies):  # compile and warm up outside the graph
+        launch(i)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            launch(i)
+    return triton.testing.do_bench(graph.replay, return_mode="median") * 1e3 / copies
+
+
+def llama3_rotary(length: int):
+    inv = 1.0 / (500000 ** (torch.arange(0, 128, 2, device="cuda").float() / 128))
+    return (*ops.rope_tables(inv, length), 128, False)
+
+
+def bench_paged(sweep: bool) -> None:
+    """Llama-3-8B attention on the paged cache (blocks of 16, shuffled tables) against the contiguous
+    one: decode at context 512 (batch 1/64/256, CUDA graphs of one launch per cache copy), and
+    prefill of 16 x 512 tokens against torch SDPA(is_causal) on contiguous (B, heads, T, D) tensors."""
+    dev, f16 = "cuda", torch.float16
+    heads, kv, dim = LLAMA3
+    ctx, block = 512, 16
+    max_blocks = (ctx + block) // block
+    rope = llama3_rotary(max_blocks * block)
+    for batch in (1, 64, 256):
+        copies = max(4, min(32, (1 << 30) // (2 * batch * kv * max_blocks * block * dim * 2)))
+        dense = [torch.randn(2, batch, kv, max_blocks * block, dim, device=dev, dtype=f16) for _ in range(copies)]
+        paged = [torch.randn(2, batch * max_blocks, kv, block, dim, device=dev, dtype=f16) for _ in range(copies)]
+        tables = torch.randperm(batch * max_blocks, device=dev).view(batch, max_blocks).int()
+        qkv = torch.randn(batch, (heads + 2 * kv) * dim, device=dev, dtype=f16)
+        pos = torch.full((batch,), ctx, device=dev)
+        out = torch.empty(batch, heads * dim, device=dev, dtype=f16)
+        t_dense = graph_bench_us(lambda i: ops.decode_attention(qkv, dense[i][0], dense[i][1], pos, heads, kv, dim,
+                                                                0.1, rope, out), copies)
+        t_paged = graph_bench_us(lambda i: ops.paged_decode_attention(qkv, paged[i][0], paged[i][1], tables, pos,
+                                                                      heads, kv, dim, 0.1, rope, out), copies)
+        gbs = 2 * batch * kv * (ctx + 1) * dim * 2 / 1e3
+        print(f"decode attention llama3 B={batch:<3} ctx={ctx}: contiguous {t_dense:7.1f} us {gbs / t_dense:5.0f} GB/s"
+              f" | paged {t_paged:7.1f} us {gbs / t_paged:5.0f} GB/s", flush=True)
+    bench_prefill(sweep)
+
+
+def bench_prefill(sweep: bool, seqs: int = 16, length: int = 512) -> None:
+    import triton.testing
+
+    from ft_runner.kernels import triton_ops
+
+    dev, f16 = "cuda", torch.float16
+    heads, kv, dim = LLAMA3
+    block = 16
+    N, max_blocks = seqs * length, length // block
+    qkv = torch.randn(N, (heads + 2 * kv) * dim, device=dev, dtype=f16)
+    caches = [torch.randn(seqs * max_blocks, kv, block, dim, device=dev, dtype=f16) for _ in range(2)]
+    tables = torch.randperm(seqs * max_blocks, device=dev).view(seqs, max_blocks).int()
+    cu = torch.arange(0, N + 1, length, device=dev, dtype=torch.int32)
+    ctx = torch.zeros(seqs, device=dev, dtype=torch.int32)
+    out = torch.empty(N, heads * dim, device=dev, dtype=f16)
+    flops = 4 * seqs * heads * dim * length * (length + 1) / 2
+    median = (lambda fn: triton.testing.do_bench(fn, return_mode="median") * 1e3)  # noqa: E731
+    q = torch.randn(seqs, heads, length, dim, device=dev, dtype=f16)
+    k, v = (torch.randn(seqs, heads, length, dim, device=dev, dtype=f16) for _ in range(2))
+    rows = [("torch SDPA(is_causal), k/v expanded to 32 heads",
+             median(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)))]
+    k8, v8 = k[:, :kv].contiguous(), v[:, :kv].contiguous()
+    rows.append(("torch SDPA(is_causal, enable_gqa)",
+                 median(lambda: F.scaled_dot_product_attention(q, k8, v8, is_causal=True, enable_gqa=True))))
+    for rotary in (None, llama3_rotary(length)):
+        args = (qkv, *caches, tables, cu, ctx, length, heads, kv, dim)
+        name = "rotary" if rotary else "no rotary"
+        rows.append((f"prefill_attention paged ({name}), whole op",
+                     median(lambda: ops.prefill_attention(*args, 0.1, rotary, out=out))))
+        rows.append((f"  its k/v store ({name})", median(lambda: triton_ops.append_chunks(*args, rotary))))
+        rows.append((f"  its attention ({name})",
+                     median(lambda: triton_ops.attend_chunks(*args, rotary, 0.1, 0, None, out))))
+    sweep_configs = ("128,64,4,3", "128,128,8,2", "64,64,4,3", "64,128,4,3", "128,32,8,3", "128,64,8,2",
+                     "128,64,8,4", "64,64,8,3") if sweep else ()
+    for config in sweep_configs:
+        os.environ["FT_RUNNER_PREFILL"] = config
+        try:
+            rows.append((f"  its attention (rotary) config={config}",
+                         median(lambda: triton_ops.attend_chunks(*args, rotary, 0.1, 0, None, out))))
+        except Exception as e:  # noqa: BLE001 (a config may not fit in shared memory)
+            print(f"config {config}: {type(e).__name__}", flush=True)
+        finally:
+            os.environ.pop("FT_RUNNER_PREFILL", None)
+    for name, t in rows:
+        rate = "" if "store" in name else f" {flops / t / 1e6:6.1f} TFLOP/s"
+        print(f"prefill llama3 {seqs}x{length}: {name:<52} {t:8.1f} us{rate}", flush=True)
+
+
 def bench_other() -> None:
     dev, f16 = "cuda", torch.float16
     rows = []
@@ -199,12 +295,13 @@ def bench_other() -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="also search a grid of configs for each kernel")
-    p.add_argument("--parts", default="gemv,skinny,attention,other", help="which benchmarks (comma-separated)")
+    p.add_argument("--parts", default="gemv,skinny,attention,other,paged",
+                   help="which benchmarks (comma-separated)")
     p.add_argument("--shapes", default="", help="few-row GEMM: only the shapes whose names start with this")
     args = p.parse_args()
     print(f"[microbench] {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     parts = {"gemv": bench_gemv, "skinny": lambda sweep: bench_skinny(sweep, args.shapes),
-             "attention": bench_attention, "other": lambda _: bench_other()}
+             "attention": bench_attention, "other": lambda _: bench_other(), "paged": bench_paged}
     for part in args.parts.split(","):
         parts[part](args.sweep)
     return 0

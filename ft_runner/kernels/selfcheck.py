@@ -115,6 +115,66 @@ def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved, 
     return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches, strict=True)))
 
 
+def _paged_setup(device, dtype, B, kv_heads, head_dim, block, max_blocks, seed=0):
+    """Random caches (num_blocks, kv_heads, block, D) and block tables (B, max_blocks) int32 of
+    distinct blocks in shuffled order."""
+    num_blocks = B * max_blocks + 2
+    caches = [torch.randn(num_blocks, kv_heads, block, head_dim, device=device, dtype=dtype) for _ in range(2)]
+    g = torch.Generator().manual_seed(seed)
+    tables = torch.randperm(num_blocks, generator=g)[: B * max_blocks].view(B, max_blocks).int().to(device)
+    return caches, tables
+
+
+def _rotary(device, rot, interleaved, length):
+    if not rot:
+        return None
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2, device=device).float() / rot))
+    return (*ops.rope_tables(inv_freq, length), rot, interleaved)
+
+
+def check_paged_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved, batch=4, block=16,
+                          config=None) -> float:
+    """paged_decode_attention, a padding row (position -1) included where batch > 1."""
+    B, T = batch, 300
+    max_blocks = -(-T // block)
+    caches, tables = _paged_setup(device, dtype, B, kv_heads, head_dim, block, max_blocks)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(B, width + 8, device=device, dtype=dtype)[:, 8:]
+    positions = torch.tensor([0, -1, 137, T - 1][-B:], device=device)
+    rotary = _rotary(device, rot, interleaved, T)
+    ref_caches = [c.clone() for c in caches]
+    out = torch.full((B, heads * head_dim + 8), float("nan"), device=device, dtype=dtype)[:, 8:]
+    with setenv("FT_RUNNER_ATTN", config):
+        got = ops.paged_decode_attention(qkv, *caches, tables, positions, heads, kv_heads, head_dim,
+                                         head_dim ** -0.5, rotary, out)
+    with reference():
+        want = ops.paged_decode_attention(qkv, *ref_caches, tables, positions, heads, kv_heads, head_dim,
+                                          head_dim ** -0.5, rotary)
+    return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches, strict=True)))
+
+
+def check_prefill(device, dtype, heads, kv_heads, head_dim, rot, interleaved, window=0, alibi=False, block=16,
+                  config=None) -> float:
+    """prefill_attention over sequences with cached context (chunks of 1..70 tokens, one empty)."""
+    contexts, chunks = [0, 37, 5, 90, 12], [70, 1, 0, 33, 64]
+    max_blocks = -(-max(c + n for c, n in zip(contexts, chunks)) // block)
+    caches, tables = _paged_setup(device, dtype, len(chunks), kv_heads, head_dim, block, max_blocks)
+    N = sum(chunks)
+    qkv = torch.randn(N, (heads + 2 * kv_heads) * head_dim + 8, device=device, dtype=dtype)[:, 8:]
+    cu = torch.tensor([0, *itertools.accumulate(chunks)], device=device, dtype=torch.int32)
+    ctx = torch.tensor(contexts, device=device, dtype=torch.int32)
+    rotary = _rotary(device, rot, interleaved, max_blocks * block)
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device) / heads) if alibi else None
+    ref_caches = [c.clone() for c in caches]
+    out = torch.full((N, heads * head_dim + 8), float("nan"), device=device, dtype=dtype)[:, 8:]
+    args = (max(chunks), heads, kv_heads, head_dim, head_dim ** -0.5, rotary, window, slopes)
+    with setenv("FT_RUNNER_PREFILL", config):
+        got = ops.prefill_attention(qkv, *caches, tables, cu, ctx, *args, out=out)
+    with reference():
+        want = ops.prefill_attention(qkv, *ref_caches, tables, cu, ctx, *args)
+    return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches, strict=True)))
+
+
 def check_greedy(device, vocab: int = 3000) -> float:
     from ft_runner.engine.step_state import StepState
 
@@ -144,7 +204,8 @@ def check_greedy(device, vocab: int = 3000) -> float:
     return worst
 
 
-def run(device: str) -> bool:
+def run(device: str, only: tuple[str, ...] = ()) -> bool:
+    """Run the checks (those whose names start with one of `only`, if given) on `device`."""
     torch.manual_seed(0)
     dtypes = [torch.float32] if device == "cpu" else [torch.float16, torch.float32]
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -185,8 +246,30 @@ def run(device: str) -> bool:
                     checks.append((f"attention {dtype} B={batch} heads/kv/dim/rot/interleaved={shape} config={config}",
                                    lambda d=dtype, s=shape, b=batch, c=config: check_attention(device, d, *s, b, c),
                                    tol[dtype]))
+        # paged: blocks of 8 (a key tile spans several) and 64 (several tiles a block)
+        for config in (None, "16,4,1024,4,2", "16,2,1,4,2"):
+            for shape in ((4, 4, 64, 0, False), (8, 2, 128, 128, False), (2, 2, 256, 64, True)):
+                for batch, block in ((4, 8), (1, 64)):
+                    checks.append((f"paged attention {dtype} B={batch} block={block} heads/kv/dim/rot/interleaved="
+                                   f"{shape} config={config}",
+                                   lambda d=dtype, s=shape, b=batch, k=block, c=config: check_paged_attention(
+                                       device, d, *s, b, k, c),
+                                   tol[dtype]))
+        # prefill configs (FT_RUNNER_PREFILL): the default; small tiles (several a block, key tiles cut by windows)
+        for config in (None, "16,16,4,1", "32,64,4,2"):
+            for shape, window, alibi in (((4, 4, 64, 0, False), 0, False), ((8, 2, 128, 128, False), 0, False),
+                                         ((4, 2, 64, 32, True), 20, False), ((4, 4, 64, 0, False), 0, True),
+                                         ((4, 1, 96, 0, False), 7, True)):
+                for block in (8, 32):
+                    checks.append((f"prefill {dtype} block={block} heads/kv/dim/rot/interleaved={shape} "
+                                   f"window={window} alibi={alibi} config={config}",
+                                   lambda d=dtype, s=shape, w=window, a=alibi, k=block, c=config: check_prefill(
+                                       device, d, *s, w, a, k, c),
+                                   tol[dtype]))
     checks.append(("greedy_step", lambda: check_greedy(device), 1e-5))
     checks.append(("greedy_step large vocab", lambda: check_greedy(device, vocab=50257), 1e-5))
+    if only:
+        checks = [c for c in checks if any(c[0].startswith(prefix) for prefix in only)]
     ok = True
     for name, fn, limit in checks:
         err = fn()
@@ -200,8 +283,9 @@ def run(device: str) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", default="", help="comma-separated prefixes of the check names to run (e.g. paged,prefill)")
     args = p.parse_args(argv)
-    return 0 if run(args.device) else 1
+    return 0 if run(args.device, tuple(filter(None, args.only.split(",")))) else 1
 
 
 if __name__ == "__main__":

@@ -537,10 +537,11 @@ def _rope(x_ptr, d, x, pos, cos_ptr, sin_ptr, ROT: tl.constexpr, INTERLEAVED: tl
 @triton.jit
 def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct,
                              pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, part_ptr, count_ptr, scale,
+                             bt_ptr, stride_bt,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
                              KV_PER_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
-                             PDL: tl.constexpr):
+                             PAGE: tl.constexpr, PDL: tl.constexpr):
     """Program (b, g, split) attends for KV_PER_PROGRAM KV heads (g's) and all their query heads at
     once, the rows of a [BLOCK_M, BLOCK_D] tile (padded to 16 rows for the tensor cores), so each key
     and value is read once. A key tile holds BLOCK_T positions of each of those KV heads; a row's
@@ -552,7 +553,11 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     sum) per head to `part`; the last of a (b, g) to finish, as counted by an atomic, merges them
     (flash-decoding without a second launch) and resets the counter. With one KV head a program
     (the usual case) the new token is a single row and the scores need no head mask: the packed
-    form there cost GPT-J 5% a step."""
+    form there cost GPT-J 5% a step.
+
+    PAGE > 0: the cache is paged, (num_blocks, kv_heads, PAGE, D), and row b's position t lives in
+    block bt[b, t // PAGE] at offset t % PAGE; each key of a tile looks its block up (a tile may
+    span several blocks). A row with pos < 0 is padding: it writes nothing and outputs zeros."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -561,6 +566,13 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     IEEE: tl.constexpr = k_cache.dtype.element_ty == tl.float32
     _wait_for_inputs(PDL)
     pos = tl.load(pos_ptr + b).to(tl.int32)
+    if PAGE > 0:
+        live = pos >= 0
+        pos = tl.maximum(pos, 0)  # a padding row: attend to nothing but its own token, store nothing
+        pages = bt_ptr + b * stride_bt
+        cache_row = b * 0  # the block, not the row, selects the cache entry
+    else:
+        cache_row = b * stride_cb
     d = tl.arange(0, BLOCK_D)
     dm = d < D
     r = tl.arange(0, BLOCK_M)
@@ -585,8 +597,13 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
         k_new = k_new.to(k_cache.dtype.element_ty)
         v_new = tl.load(row + (HQ + HKV + n_kv)[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
         v_new = v_new.to(v_cache.dtype.element_ty)
-        slot = (b * stride_cb + n_kv * stride_ch + pos * stride_ct)[:, None] + d[None, :]
         appends = ((n_r < ROWS) & (n_r % GROUP == 0))[:, None] & dm[None, :]
+        if PAGE > 0:
+            block = tl.load(pages + pos // PAGE).to(tl.int64)
+            slot = (block * stride_cb + n_kv * stride_ch + (pos % PAGE) * stride_ct)[:, None] + d[None, :]
+            appends = appends & live
+        else:
+            slot = (b * stride_cb + n_kv * stride_ch + pos * stride_ct)[:, None] + d[None, :]
         tl.store(k_cache + slot, k_new, mask=appends)
         tl.store(v_cache + slot, v_new, mask=appends)
         m = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1)
@@ -601,15 +618,19 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     stop = tl.minimum(start + chunk, pos)
     j = tl.arange(0, KV_PER_PROGRAM * BLOCK_T)  # key j: position j % BLOCK_T of the tile, of KV head j // BLOCK_T
     if KV_PER_PROGRAM == 1:
-        key_rows = b * stride_cb + g * stride_ch
+        key_rows = cache_row + g * stride_ch
         key_t = j
     else:
-        key_rows = b * stride_cb + (g * KV_PER_PROGRAM + j // BLOCK_T) * stride_ch
+        key_rows = cache_row + (g * KV_PER_PROGRAM + j // BLOCK_T) * stride_ch
         key_t = j % BLOCK_T
     for t0 in range(start, stop, BLOCK_T):
         t = t0 + key_t
         tm = t < stop
-        offs = (key_rows + t * stride_ct)[:, None] + d[None, :]
+        if PAGE > 0:
+            block = tl.load(pages + t // PAGE, mask=tm, other=0).to(tl.int64)
+            offs = (block * stride_cb + key_rows + (t % PAGE) * stride_ct)[:, None] + d[None, :]
+        else:
+            offs = (key_rows + t * stride_ct)[:, None] + d[None, :]
         k = tl.load(k_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None)
         if KV_PER_PROGRAM == 1:
@@ -625,7 +646,10 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
         m = m_new
     out = out_ptr + b * stride_out + hq[:, None] * D + d[None, :]
     if SPLITS == 1:
-        tl.store(out, (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty), mask=qm)
+        o = acc / l_sum[:, None]
+        if PAGE > 0:
+            o = tl.where(live, o, 0.0)
+        tl.store(out, o.to(out_ptr.dtype.element_ty), mask=qm)
     else:
         heads = b * HQ + hq  # (BLOCK_M,): padding rows fall outside this program's heads
         slots = part_ptr + (heads * SPLITS + split) * (BLOCK_D + 2)
@@ -648,7 +672,10 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
                 norm += w * tl.load(slot + BLOCK_D + 1, mask=rm, other=0.0, cache_modifier=".cg")
                 total += w[:, None] * tl.load(slot[:, None] + d[None, :], mask=rm[:, None], other=0.0,
                                               cache_modifier=".cg")
-            tl.store(out, (total / norm[:, None]).to(out_ptr.dtype.element_ty), mask=qm)
+            o = total / norm[:, None]
+            if PAGE > 0:
+                o = tl.where(live, o, 0.0)
+            tl.store(out, o.to(out_ptr.dtype.element_ty), mask=qm)
             tl.store(count_ptr + group, 0)
 
 
@@ -681,22 +708,244 @@ def _attention_config(rows: int, kv_heads: int, group: int, block_d: int, max_le
 
 def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim, scale, rotary, out):
     """See ops.decode_attention."""
+    return _launch_decode(qkv, k_cache, v_cache, positions, None, heads, kv_heads, head_dim, scale, rotary, out)
+
+
+def paged_decode_attention(qkv, k_cache, v_cache, block_tables, positions, heads, kv_heads, head_dim, scale,
+                           rotary, out):
+    """See ops.paged_decode_attention."""
+    return _launch_decode(qkv, k_cache, v_cache, positions, block_tables, heads, kv_heads, head_dim, scale, rotary,
+                          out)
+
+
+def _launch_decode(qkv, k_cache, v_cache, positions, block_tables, heads, kv_heads, head_dim, scale, rotary, out):
+    """_decode_attention_kernel over a contiguous cache (block_tables None) or a paged one."""
     B = qkv.shape[0]
     block_d = max(16, next_pow2(head_dim))
     cos, sin, rot, interleaved = rotary if rotary is not None else (qkv, qkv, 0, False)
     group = heads // kv_heads
-    block_t, kv_per_program, splits, warps, stages = _attention_config(B, kv_heads, group, block_d,
-                                                                       k_cache.shape[2])
+    page = 0 if block_tables is None else _page_size(k_cache, v_cache)
+    max_len = k_cache.shape[2] if block_tables is None else block_tables.shape[1] * page
+    block_t, kv_per_program, splits, warps, stages = _attention_config(B, kv_heads, group, block_d, max_len)
     part = torch.empty((B * heads * splits * (block_d + 2),) if splits > 1 else (1,), dtype=torch.float32,
                        device=qkv.device)
     programs = (B, kv_heads // kv_per_program, splits)
     on = pdl(qkv.device, math.prod(programs))
+    tables = positions if block_tables is None else block_tables
     _decode_attention_kernel[programs](
         qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         positions, cos, sin, out, out.stride(0), part, _counters(qkv.device, B * kv_heads), scale,
+        tables, tables.stride(0),
         HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=block_d, ROT=rot, INTERLEAVED=interleaved,
         BLOCK_T=block_t, KV_PER_PROGRAM=kv_per_program, BLOCK_M=max(16, next_pow2(kv_per_program * group)),
-        SPLITS=splits, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
+        SPLITS=splits, PAGE=page, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
+    return out
+
+
+def _page_size(k_cache, v_cache) -> int:
+    """The paged cache's block size; both caches share one layout, (num_blocks, kv_heads, block, D)."""
+    page = k_cache.shape[2]
+    assert page >= 8 and page & (page - 1) == 0, f"block_size {page}: a power of two >= 8"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    return page
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill attention: chunks of new tokens of several sequences, over a paged KV cache
+
+
+@triton.jit
+def _chunk_rows(cu_ptr, ctx_ptr, b, tile, BLOCK: tl.constexpr):
+    """Rows `tile` (BLOCK of them) of sequence b's chunk: (first qkv row of the chunk, i within the chunk,
+    i < chunk length, the tokens' positions (0 past the chunk's end, to keep table lookups in range))."""
+    first = tl.load(cu_ptr + b)
+    n = tl.load(cu_ptr + b + 1) - first
+    i = tile * BLOCK + tl.arange(0, BLOCK)
+    im = i < n
+    return first, i, im, tl.where(im, tl.load(ctx_ptr + b) + i, 0)
+
+
+@triton.jit
+def _paged_append_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct, bt_ptr, stride_bt,
+                         cu_ptr, ctx_ptr, cos_ptr, sin_ptr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                         BLOCK_D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr, PAGE: tl.constexpr,
+                         BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+    """Program (tile, kv head, b): rotate the k of BLOCK_R tokens of sequence b's chunk and store k
+    and v in their cache blocks."""
+    tile = tl.program_id(0)
+    kv = tl.program_id(1)
+    b = tl.program_id(2)
+    _wait_for_inputs(PDL)
+    first, i, im, p = _chunk_rows(cu_ptr, ctx_ptr, b, tile, BLOCK_R)
+    if tile * BLOCK_R >= tl.load(cu_ptr + b + 1) - first:
+        return
+    d = tl.arange(0, BLOCK_D)
+    mask = im[:, None] & (d < D)[None, :]
+    rows = qkv_ptr + (first + i)[:, None].to(tl.int64) * stride_qkv
+    k_rows = rows + (HQ + kv) * D
+    k = tl.load(k_rows + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ROT > 0:
+        k = _rope(k_rows, d[None, :], k, p[:, None], cos_ptr, sin_ptr, ROT, INTERLEAVED, mask)
+    v = tl.load(rows + (HQ + HKV + kv) * D + d[None, :], mask=mask, other=0.0)
+    block = tl.load(bt_ptr + b * stride_bt + p // PAGE, mask=im, other=0).to(tl.int64)
+    slot = (block * stride_cb + kv * stride_ch + (p % PAGE) * stride_ct)[:, None] + d[None, :]
+    tl.store(k_cache + slot, k.to(k_cache.dtype.element_ty), mask=mask)
+    tl.store(v_cache + slot, v.to(v_cache.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prefill_keys(acc, m, l_sum, q, p, t0, hi, k_cache, v_cache, pages, kv_row, stride_cb, stride_ct, d, dm,
+                  qk_scale, slope, window, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr):
+    """One tile of BLOCK_N keys, positions t0.., into the online softmax (log2 domain). MASKED: apply
+    the causal mask, the key range's end `hi` and the window; unmasked tiles lie wholly inside."""
+    t = t0 + tl.arange(0, BLOCK_N)
+    if MASKED:
+        tm = t < hi
+        block = tl.load(pages + t // PAGE, mask=tm, other=0).to(tl.int64)
+        kv_mask = tm[:, None] & dm[None, :]
+    else:
+        block = tl.load(pages + t // PAGE).to(tl.int64)
+        kv_mask = dm[None, :]
+    offs = (block * stride_cb + kv_row + (t % PAGE) * stride_ct)[:, None] + d[None, :]
+    k = tl.load(k_cache + offs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None) * qk_scale
+    if HAS_ALIBI:
+        s += slope * (t[None, :] - p[:, None]).to(tl.float32)
+    if MASKED:
+        keep = (t[None, :] <= p[:, None]) & tm[None, :]
+        if HAS_WINDOW:
+            keep = keep & (t[None, :] > p[:, None] - window)
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet (window) stays empty
+    alpha = tl.math.exp2(m - m_safe)
+    e = tl.math.exp2(s - m_safe[:, None])
+    v = tl.load(v_cache + offs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision="ieee" if IEEE else None)
+    return acc, m_new, l_sum * alpha + tl.sum(e, axis=1)
+
+
+@triton.jit
+def _prefill_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct,
+                              bt_ptr, stride_bt, cu_ptr, ctx_ptr, cos_ptr, sin_ptr, slopes_ptr, out_ptr, stride_out,
+                              qk_scale, window, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                              BLOCK_D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                              PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
+                              PDL: tl.constexpr):
+    """Program (tile, head, b): flash attention for BLOCK_M queries of sequence b's chunk, one query
+    head, over the keys in the cache (the chunk's own were stored by _paged_append_kernel). Tiles run
+    longest first (the grid's tiles are reversed) and those past a chunk's end return. Key tiles wholly
+    before the query tile's first position, and inside every row's window, need no mask."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    _wait_for_inputs(PDL)
+    first, i, im, p = _chunk_rows(cu_ptr, ctx_ptr, b, tile, BLOCK_M)
+    if tile * BLOCK_M >= tl.load(cu_ptr + b + 1) - first:
+        return
+    ctx = tl.load(ctx_ptr + b)
+    p = ctx + i  # rows past the chunk's end (never stored) sit beyond every key: no empty rows
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    qm = im[:, None] & dm[None, :]
+    q_rows = qkv_ptr + (first + i)[:, None].to(tl.int64) * stride_qkv + h * D
+    q = tl.load(q_rows + d[None, :], mask=qm, other=0.0)
+    if ROT > 0:
+        q = _rope(q_rows, d[None, :], q.to(tl.float32), tl.where(im, p, 0)[:, None], cos_ptr, sin_ptr, ROT,
+                  INTERLEAVED, qm)
+    q = q.to(k_cache.dtype.element_ty)
+    if HAS_ALIBI:
+        slope = tl.load(slopes_ptr + h) * 1.4426950408889634  # in the log2 domain, as the scores
+    else:
+        slope = 0.0
+    p_lo = ctx + tile * BLOCK_M  # the tile's first query position
+    hi = tl.minimum(p_lo + BLOCK_M, ctx + tl.load(cu_ptr + b + 1) - first)  # one past its last
+    # key tiles [first_key, lo): the window's lower edge, masked; [lo, full): seen by every row, unmasked;
+    # [full, hi): the diagonal, masked
+    full = p_lo // BLOCK_N * BLOCK_N
+    if HAS_WINDOW:
+        first_key = tl.maximum(p_lo - window + 1, 0) // BLOCK_N * BLOCK_N
+        lo = tl.minimum(tl.cdiv(tl.maximum(hi - window, 0), BLOCK_N) * BLOCK_N, full)
+    else:
+        first_key = 0
+        lo = 0
+    pages = bt_ptr + b * stride_bt
+    kv_row = (h // (HQ // HKV)) * stride_ch
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    l_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m = l_sum + float("-inf")
+    for t0 in range(first_key, lo, BLOCK_N):
+        acc, m, l_sum = _prefill_keys(acc, m, l_sum, q, p, t0, hi, k_cache, v_cache, pages, kv_row, stride_cb,
+                                      stride_ct, d, dm, qk_scale, slope, window, PAGE, BLOCK_N, True, HAS_WINDOW,
+                                      HAS_ALIBI, IEEE)
+    for t0 in range(lo, full, BLOCK_N):
+        acc, m, l_sum = _prefill_keys(acc, m, l_sum, q, p, t0, hi, k_cache, v_cache, pages, kv_row, stride_cb,
+                                      stride_ct, d, dm, qk_scale, slope, window, PAGE, BLOCK_N, False, HAS_WINDOW,
+                                      HAS_ALIBI, IEEE)
+    for t0 in range(full, hi, BLOCK_N):  # the diagonal
+        acc, m, l_sum = _prefill_keys(acc, m, l_sum, q, p, t0, hi, k_cache, v_cache, pages, kv_row, stride_cb,
+                                      stride_ct, d, dm, qk_scale, slope, window, PAGE, BLOCK_N, True, HAS_WINDOW,
+                                      HAS_ALIBI, IEEE)
+    out = out_ptr + (first + i)[:, None].to(tl.int64) * stride_out + h * D + d[None, :]
+    tl.store(out, (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty), mask=qm)
+
+
+def _prefill_config(block_d: int, elem: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); FT_RUNNER_PREFILL="m,n,warps,stages" overrides
+    (for tuning). Tiles sized so that q, k and v tiles with their stages fit in shared memory."""
+    if os.environ.get("FT_RUNNER_PREFILL"):
+        return tuple(int(v) for v in os.environ["FT_RUNNER_PREFILL"].split(","))
+    if elem == 4:
+        return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
+    if block_d <= 128:
+        return 128, 64, 8 if block_d == 128 else 4, 3
+    return 64, 32, 8, 2
+
+
+def prefill_attention(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len, heads, kv_heads,
+                      head_dim, scale, rotary, window, slopes, out):
+    """See ops.prefill_attention: store the chunks' k and v, then attend (a second launch: a query
+    tile's keys come from other programs' tokens)."""
+    args = (qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len, heads, kv_heads, head_dim,
+            rotary)
+    append_chunks(*args)
+    return attend_chunks(*args, scale, window, slopes, out)
+
+
+def _chunk_args(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, heads, kv_heads, head_dim, rotary):
+    """The arguments and constexprs _paged_append_kernel and _prefill_attention_kernel share."""
+    cos, sin, rot, interleaved = rotary if rotary is not None else (qkv, qkv, 0, False)
+    args = (qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            block_tables, block_tables.stride(0), cu_seqlens, context_lens, cos, sin)
+    return args, dict(HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), ROT=rot,
+                      INTERLEAVED=interleaved, PAGE=_page_size(k_cache, v_cache))
+
+
+def append_chunks(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len, heads, kv_heads,
+                  head_dim, rotary):
+    """prefill_attention's first launch: rotate and store every chunk token's k and v."""
+    args, common = _chunk_args(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, heads, kv_heads,
+                               head_dim, rotary)
+    block_r = 16
+    grid = (triton.cdiv(max_query_len, block_r), kv_heads, cu_seqlens.shape[0] - 1)
+    on = pdl(qkv.device, math.prod(grid))
+    _paged_append_kernel[grid](*args, **common, BLOCK_R=block_r, PDL=on, launch_pdl=on, num_warps=4)
+
+
+def attend_chunks(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len, heads, kv_heads,
+                  head_dim, rotary, scale, window, slopes, out):
+    """prefill_attention's second launch: the attention, over the cache append_chunks filled."""
+    args, common = _chunk_args(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, heads, kv_heads,
+                               head_dim, rotary)
+    block_m, block_n, warps, stages = _prefill_config(common["BLOCK_D"], k_cache.element_size())
+    grid = (triton.cdiv(max_query_len, block_m), heads, cu_seqlens.shape[0] - 1)
+    on = pdl(qkv.device, math.prod(grid))
+    _prefill_attention_kernel[grid](
+        *args, slopes if slopes is not None else qkv, out, out.stride(0), scale * 1.4426950408889634, window,
+        **common, BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window > 0, HAS_ALIBI=slopes is not None,
+        IEEE=k_cache.dtype == torch.float32, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
     return out
 
 
