@@ -149,7 +149,9 @@ for s in "$@"; do
   inflight)
     # one call: kernels, in-flight parity in fp16, then issue #17's workloads (shortened) and the GPT-J bs1 A/B
     step inflight-checks
-    python3 -m ft_runner.kernels.selfcheck > "$OUT/selfcheck.log" 2>&1; grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck.log" | tail -5
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -m ft_runner.kernels.selfcheck --only "paged attention,prefill,attention" > "$OUT/selfcheck.log" 2>&1
+    grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck.log" | tail -5
     python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp16 --skip-kernels --only tiny-gpt2,gptj,llama,qwen2 \
       > "$OUT/gpu_checks.log" 2>&1; grep -E "GPUCHECK|Error" "$OUT/gpu_checks.log" | cut -c1-200
     SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --results $OUT/results"
@@ -160,6 +162,10 @@ for s in "$@"; do
     step inflight-mixed
     $SERVE --model llama-3-8b --engines ft_runner,ft_runner-static,hf-cb --num-prompts 512 --input-len 64:512 \
       --output-len 16:512 --max-duration-s 60 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1; summary "$OUT/serving_c.log"
+    step inflight-prefix
+    $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 512 --shared-prefix-len 1024 \
+      --input-len 128 --output-len 128 --max-duration-s 60 --workload-name shared-1024+128-128 \
+      > "$OUT/serving_prefix.log" 2>&1; summary "$OUT/serving_prefix.log"
     step inflight-online
     $SERVE --model llama-3-8b --engines ft_runner --num-prompts 20 --input-len 512 --output-len 128 --request-rate 1 \
       --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log"
