@@ -79,6 +79,8 @@ def test_jobs_in_flight_get_exactly_what_they_get_alone(generator, serving, tiny
             new = solo.sequence_lengths[row] - batch.lengths[row]
             np.testing.assert_array_equal(streamed[row, :new], solo.output_ids[row, batch.lengths[row]:][:new])
     assert serving.core.scheduler.preemptions > 0, "the small cache was meant to force preemption"
+    counted = {m.name: s.value for m in serving.metrics.registry.collect() for s in m.samples if s.name.endswith("_total")}
+    assert counted["ft_runner:num_preemptions"] == serving.core.scheduler.preemptions
     assert serving.core.blocks.usage == 0.0, "every page went back"
 
 

@@ -188,10 +188,10 @@ class Frontend:
         except Exception as exc:  # ranks may now be out of step: fail every request, the caller ends the job
             self._fail_all(list(self._live), exc)
             raise EngineFailed(f"generation failed: {_first_line(exc)}") from exc
+        self._update_gauges()  # before any job completes: its caller sees the metrics of its last step
         touched = {id(job): job for job in (self._record(event) for event in events) if job is not None}
         for job in touched.values():
             self._deliver(job)
-        self._update_gauges()
 
     def _record(self, event: TokenEvent) -> Optional[_Job]:
         job, row = self._rows.get(event.request_id, (None, 0))
