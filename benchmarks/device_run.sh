@@ -21,9 +21,10 @@
 #   tp2-bench   (two GPUs) GPT-J bs1 decode, TP=2 then TP=1 (one conversion); run it before the
 #               wheelhouse's part 2 (numpy 1.26.4) is installed
 #   tp2-e2e     (two GPUs) end-to-end server TP=2 (needs both wheelhouse parts installed)
-#   inflight    one call for the in-flight engine: kernel self-check, gpu_checks in fp16 (4 models, the
-#               in-flight engine beside the static one), Llama-3-8B 1000 x 128/128, the mixed 512 (three
-#               engines, 60 s cap each), online 20 x 512/128 at 1 req/s, GPT-J bs1 in-flight vs static
+#   inflight    the in-flight engine, in two calls: inflight-a the paged kernels' self-check, Llama-3-8B
+#               1000 x 128/128, the mixed 512 (three engines, 45 s cap each), 512 x (1024 shared + 128)/128
+#               with and without prefix caching, online 20 x 512/128 at 1 req/s; inflight-b GPT-J bs1
+#               in-flight vs static and gpu_checks in fp16 (the in-flight engine beside the static one)
 #   serving     the serving benchmark's GPU workloads on a random Llama-3-8B, fp16, offline
 #               (benchmarks/bench_serving.py): serving-a 1000 x 128/128 and serving-b 1000 x 1000/1000
 #               (ft_runner), serving-c the mixed 512 x 64:512/16:512 at t=0 (ft_runner, ft_runner-static,
@@ -146,32 +147,37 @@ for s in "$@"; do
     $BENCH --tp 1 --ckpt-tp 2 --models gptj-6b --batch 1 --engines ft_runner >> "$OUT/bench_tp.log" 2>&1
     grep -E "^model|^---|  fp16 |Error|error|Warning: CUDA" "$OUT/bench_tp.log" | tail -12
     ;;
-  inflight)
-    # one call: kernels, in-flight parity in fp16, then issue #17's workloads (shortened) and the GPT-J bs1 A/B
-    step inflight-checks
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    python3 -m ft_runner.kernels.selfcheck --only "paged attention,prefill,attention" > "$OUT/selfcheck.log" 2>&1
-    grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck.log" | tail -5
-    python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp16 --skip-kernels --only tiny-gpt2,gptj,llama,qwen2 \
-      > "$OUT/gpu_checks.log" 2>&1; grep -E "GPUCHECK|Error" "$OUT/gpu_checks.log" | cut -c1-200
+  inflight|inflight-a|inflight-b)
+    # the in-flight engine on one GPU: inflight-a the paged kernels' self-check and issue #17/#20's
+    # workloads (shortened), inflight-b the GPT-J bs1 A/B and gpu_checks in fp16; inflight both
     SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --results $OUT/results"
     summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|skipping|truncated|Error|error" "$1" | tail -24; }
-    step inflight-128
-    $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
-      --workload-name random-1000x128-128 > "$OUT/serving_a.log" 2>&1; summary "$OUT/serving_a.log"
-    step inflight-mixed
-    $SERVE --model llama-3-8b --engines ft_runner,ft_runner-static,hf-cb --num-prompts 512 --input-len 64:512 \
-      --output-len 16:512 --max-duration-s 60 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1; summary "$OUT/serving_c.log"
-    step inflight-prefix
-    $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 512 --shared-prefix-len 1024 \
-      --input-len 128 --output-len 128 --max-duration-s 60 --workload-name shared-1024+128-128 \
-      > "$OUT/serving_prefix.log" 2>&1; summary "$OUT/serving_prefix.log"
-    step inflight-online
-    $SERVE --model llama-3-8b --engines ft_runner --num-prompts 20 --input-len 512 --output-len 128 --request-rate 1 \
-      --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log"
-    step inflight-gptj-bs1
-    $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \
-      --output-len 256 --workload-name bs1-128-256 > "$OUT/serving_gptj.log" 2>&1; summary "$OUT/serving_gptj.log"
+    case $s in inflight|inflight-a)
+      step inflight-kernels
+      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+      python3 -m ft_runner.kernels.selfcheck --only "paged attention torch.float16,prefill torch.float16" \
+        > "$OUT/selfcheck.log" 2>&1; grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck.log" | tail -5
+      step inflight-128
+      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
+        --workload-name random-1000x128-128 > "$OUT/serving_a.log" 2>&1; summary "$OUT/serving_a.log"
+      step inflight-mixed
+      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-static,hf-cb --num-prompts 512 --input-len 64:512 \
+        --output-len 16:512 --max-duration-s 45 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
+      summary "$OUT/serving_c.log"
+      step inflight-prefix
+      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 512 --shared-prefix-len 1024 \
+        --input-len 128 --output-len 128 --max-duration-s 45 --workload-name shared-1024+128-128 \
+        > "$OUT/serving_prefix.log" 2>&1; summary "$OUT/serving_prefix.log"
+      step inflight-online
+      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 20 --input-len 512 --output-len 128 --request-rate 1 \
+        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log" ;; esac
+    case $s in inflight|inflight-b)
+      step inflight-gptj-bs1
+      $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \
+        --output-len 256 --workload-name bs1-128-256 > "$OUT/serving_gptj.log" 2>&1; summary "$OUT/serving_gptj.log"
+      step inflight-gpu-checks
+      python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp16 --skip-kernels --only gptj,llama,qwen2 \
+        > "$OUT/gpu_checks.log" 2>&1; grep -E "GPUCHECK|Error" "$OUT/gpu_checks.log" | cut -c1-220 ;; esac
     ;;
   serving|serving-a|serving-b|serving-c|serving-d)
     step "$s"
