@@ -26,6 +26,7 @@ from ft_runner.engine.model_runner import ModelRunner, StepPlan, cache_pages
 from ft_runner.engine.request import PENDING, Request, SamplingOptions, Status
 from ft_runner.engine.sampler import Finish, sample_requests
 from ft_runner.engine.scheduler import Schedule, Scheduler
+from ft_runner.engine.transfer import to_device
 
 
 @dataclasses.dataclass
@@ -148,7 +149,7 @@ class EngineCore:
         if not live:
             return
         if len(live) < len(requests):
-            logits = logits[torch.tensor(live, device=logits.device)]
+            logits = logits[to_device(live, logits.device, torch.int64)]
             requests = [requests[i] for i in live]
         tokens, logprobs = sample_requests(logits, requests)
         for request in requests:

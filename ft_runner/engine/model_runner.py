@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ft_runner.config import EngineConfig
 from ft_runner.engine import decode
 from ft_runner.engine.cuda_graph import LADDER
+from ft_runner.engine.transfer import to_device
 from ft_runner.kernels import ops
 
 ACTIVATION_BYTES_PER_TOKEN = 16  # activations of one batched token, in units of (hidden + MLP width) elements
@@ -175,8 +176,7 @@ class ModelRunner:
             return
         if self.grid.rank == 0:
             rows = np.flatnonzero(plan.token_src >= 0)
-            src = torch.from_numpy(plan.token_src[rows]).to(self.device, non_blocking=True)
-            tokens[torch.from_numpy(rows).to(self.device, non_blocking=True)] = previous[src]
+            tokens[to_device(rows, self.device)] = previous[to_device(plan.token_src[rows], self.device)]
         if self.grid.world > 1:
             dist.broadcast(tokens, src=0)
 
@@ -221,7 +221,7 @@ class ModelRunner:
         # length, each later token at its own position + 1
         seq_lens = np.maximum(np.repeat(plan.prompt_lens, counts), plan.positions + 1)
         last = plan.cu_seqlens[1:][plan.sample_rows].astype(np.int64) - 1
-        t = {name: torch.from_numpy(np.ascontiguousarray(a)).to(dev, non_blocking=True) for name, a in (
+        t = {name: to_device(a, dev) for name, a in (
             ("tokens", plan.tokens), ("positions", plan.positions), ("cu_seqlens", plan.cu_seqlens),
             ("context_lens", plan.context_lens), ("block_tables", plan.block_tables), ("seq_lens", seq_lens),
             ("last", last), ("prefill_cu", plan.cu_seqlens[plan.num_decode:] - plan.num_decode))}
@@ -276,13 +276,13 @@ class DecodeGraphs:
         host[0, :B], host[1, :B] = plan.tokens, plan.positions
         tables = np.full((rows, self.block_tables.shape[1]), self.runner.scratch, dtype=np.int32)
         tables[:B, :W] = plan.block_tables
-        staged = torch.from_numpy(host).pin_memory().to(self.tokens.device, non_blocking=True)
+        staged = to_device(host, self.tokens.device)
         self.tokens[:rows].copy_(staged[0])
         fill(self.tokens[:rows])
         self.positions[:rows].copy_(staged[1])
-        self.block_tables[:rows].copy_(torch.from_numpy(tables).pin_memory().to(self.tokens.device, non_blocking=True))
+        self.block_tables[:rows].copy_(to_device(tables, self.tokens.device))
         graph, logits = self.graphs[rows]
         graph.replay()
         if len(plan.sample_rows) == B:  # every decode row samples: the usual case
             return logits[:B]
-        return logits[:B][torch.from_numpy(plan.sample_rows).to(logits.device)]
+        return logits[:B][to_device(plan.sample_rows, logits.device)]

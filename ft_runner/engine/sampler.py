@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ft_runner.engine.transfer import to_device
+
 
 class Finish(enum.IntEnum):
     """Why a row stopped; RUNNING (0) while it has not."""
@@ -286,21 +288,22 @@ def sample_requests(logits: torch.Tensor, requests: list) -> tuple[torch.Tensor,
     request's tokens do not depend on which others share its step."""
     options = [r.options for r in requests]
     device = logits.device
-    temperature = torch.tensor([o.temperature for o in options], dtype=torch.float32, device=device)
+    temperature = to_device([o.temperature for o in options], device, torch.float32)
     logits = logits / temperature[:, None]
     if all(o.greedy and not o.needs_history for o in options):  # the common case: no sort, no draw
         tokens = torch.argmax(logits, dim=-1)
         return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
     history = [i for i, o in enumerate(options) if o.needs_history]
     if history:
-        logits[history] = _apply_history(logits[history], [requests[i] for i in history])
+        rows = to_device(history, device)
+        logits[rows] = _apply_history(logits[rows], [requests[i] for i in history])
     params = SamplingParams(
-        top_k=torch.tensor([o.top_k for o in options], device=device),
-        top_p=torch.tensor([o.top_p for o in options], dtype=torch.float32, device=device),
+        top_k=to_device([o.top_k for o in options], device, torch.int64),
+        top_p=to_device([o.top_p for o in options], device, torch.float32),
         temperature=temperature, repetition_penalty=temperature, presence_penalty=temperature,  # not read by sample
-        min_length=torch.tensor([o.min_length for o in options], device=device),
-        seed=torch.tensor([o.seed for o in options], dtype=torch.int64, device=device))
-    steps = torch.tensor([r.num_output for r in requests], device=device)
+        min_length=to_device([o.min_length for o in options], device, torch.int64),
+        seed=to_device([o.seed for o in options], device, torch.int64))
+    steps = to_device([r.num_output for r in requests], device, torch.int64)
     return sample(logits, params, steps)
 
 
@@ -309,8 +312,8 @@ def _apply_history(logits: torch.Tensor, requests: list) -> torch.Tensor:
     are divided by the temperature already (FT applies its penalties after it)."""
     counts = _token_counts(logits, [r.tokens for r in requests])
     output_counts = _token_counts(logits, [r.output for r in requests])
-    column = lambda name: torch.tensor([getattr(r.options, name) for r in requests],  # noqa: E731
-                                       dtype=torch.float32, device=logits.device)[:, None]
+    column = lambda name: to_device([getattr(r.options, name) for r in requests],  # noqa: E731
+                                    logits.device, torch.float32)[:, None]
     seen = counts > 0
     rep = column("repetition_penalty")
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
@@ -320,18 +323,18 @@ def _apply_history(logits: torch.Tensor, requests: list) -> torch.Tensor:
     banned = [(row, token) for row, r in enumerate(requests) for token in _banned(r)]
     if banned:
         rows, tokens = zip(*banned)
-        logits[list(rows), list(tokens)] = float("-inf")
+        logits[to_device(rows, logits.device, torch.int64), to_device(tokens, logits.device, torch.int64)] = float("-inf")
     return logits
 
 
 def _token_counts(logits: torch.Tensor, sequences: list[list[int]]) -> torch.Tensor:
     """(rows, V) fp32: how often each token occurs in each row's sequence."""
     counts = torch.zeros_like(logits)
-    rows = torch.tensor([row for row, seq in enumerate(sequences) for _ in seq], dtype=torch.int64)
-    ids = torch.tensor([t for seq in sequences for t in seq], dtype=torch.int64)
-    if ids.numel():
-        counts.index_put_((rows.to(logits.device), ids.to(logits.device)),
-                          torch.ones(ids.numel(), device=logits.device), accumulate=True)
+    ids = [t for seq in sequences for t in seq]
+    if ids:
+        rows = to_device([row for row, seq in enumerate(sequences) for _ in seq], logits.device, torch.int64)
+        counts.index_put_((rows, to_device(ids, logits.device, torch.int64)),
+                          torch.ones(len(ids), device=logits.device), accumulate=True)
     return counts
 
 
