@@ -178,6 +178,8 @@ for s in "$@"; do
       step inflight-128
       $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
         --workload-name random-1000x128-128 > "$OUT/serving_a.log" 2>&1; summary "$OUT/serving_a.log"
+      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
+        --max-num-seqs 512 --workload-name random-1000x128-128 > "$OUT/serving_a512.log" 2>&1; summary "$OUT/serving_a512.log"
       step inflight-mixed
       $SERVE --model llama-3-8b --engines ft_runner,ft_runner-static --num-prompts 512 --input-len 64:512 \
         --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1; summary "$OUT/serving_c.log"
