@@ -97,10 +97,16 @@ def range_label(span: tuple[int, int]):
     return span[0] if span[0] == span[1] else f"{span[0]}:{span[1]}"
 
 
-def make_workload(num: int, input_len, output_len, vocab: int, avoid, seed: int, shared_prefix: int = 0) -> list[Request]:
+def make_workload(num: int, input_len, output_len, vocab: int, avoid, seed: int, shared_prefix: int = 0,
+                  chat: bool = False) -> list[Request]:
     """Prompts of uniform random lengths and token ids (never one of `avoid`), each after the same
-    `shared_prefix` random tokens (a system prompt), and output lengths."""
+    `shared_prefix` random tokens (a system prompt), and output lengths. `chat`: request k is turn k
+    of one conversation that resends its whole history, k + 1 pieces of `input_len` tokens."""
     rng = np.random.default_rng(seed)
+    if chat:
+        allowed = np.setdiff1d(np.arange(vocab), np.asarray(list(avoid), dtype=np.int64))
+        turns = [allowed[rng.integers(0, len(allowed), size=input_len[0])].tolist() for _ in range(num)]
+        return [Request(i, [t for turn in turns[:i + 1] for t in turn], output_len[0]) for i in range(num)]
     ins = rng.integers(input_len[0], input_len[1] + 1, size=num)
     outs = rng.integers(output_len[0], output_len[1] + 1, size=num)
     allowed = np.setdiff1d(np.arange(vocab), np.asarray(list(avoid), dtype=np.int64))
@@ -123,8 +129,11 @@ def with_arrivals(requests: list[Request], rate: float, burstiness: float, seed:
 
 
 def warmup_requests(requests: list[Request], count: int) -> list[Request]:
-    """The first `count` requests, all at t=0 and 4 tokens long: compiles and captures before timing."""
-    return [dataclasses.replace(r, output_len=min(r.output_len, 4), arrival=0.0) for r in requests[:count]]
+    """The first `count` requests, all at t=0 and 4 tokens long: compiles and captures before timing.
+    Their prompts are reversed, so that they leave nothing in a prefix cache that the timed run could
+    reuse (a shared prefix or a chat's history would otherwise be cached before the clock starts)."""
+    return [dataclasses.replace(r, prompt_ids=r.prompt_ids[::-1], output_len=min(r.output_len, 4), arrival=0.0)
+            for r in requests[:count]]
 
 
 # --- metrics (pure functions of the per-request records) -------------------------------------------
@@ -182,6 +191,9 @@ def summarize(results: list[RequestResult], duration: float, slos: Optional[dict
         out.update(stats([lat[key] for lat in lats if lat[key] is not None], key))
     out.update(stats([gap for lat in lats for gap in lat["itl"]], "itl"))
     out["goodput"] = sum(meets(lat, slos) for lat in lats) / duration if slos else None
+    ttfts = [lat["ttft"] for lat in lats]
+    if len(ttfts) > 1 and None not in ttfts:  # for a chat, the first turn's and the last one's (ms)
+        out["ttft_ms_first"], out["ttft_ms_last"] = ttfts[0] * 1e3, ttfts[-1] * 1e3
     out["goodput_slos_ms"] = slos or None
     return out
 
@@ -932,7 +944,7 @@ def run_online(args) -> tuple[list[dict], str]:
     tokenizer = tokenizer_for(args)
     avoid = set(tokenizer.all_special_ids) | {tokenizer.eos_token_id} - {None}
     requests = make_workload(args.num_prompts, args.input_len, args.output_len, args.vocab_size or len(tokenizer),
-                             avoid, args.seed, args.shared_prefix_len)
+                             avoid, args.seed, args.shared_prefix_len, args.chat)
     backend = (OpenAIBackend if args.backend == "openai" else TritonBackend)(args, tokenizer)
     gpu = args.gpu or bg.gpu_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if args.backend == "openai":  # the served name is asked for before the first row is labelled
@@ -961,7 +973,7 @@ def run_offline(args) -> tuple[list[dict], str]:
     source = ModelSource(args, device, dtype)
     vocab, ends = source.vocab_and_ends()
     requests = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, ends, args.seed,
-                             args.shared_prefix_len)
+                             args.shared_prefix_len, args.chat)
     info = RunInfo(source.key, dtype, 1, 1, bg.gpu_name(device))
     args.engines = usable_engines(args.engines, device)
     rows = []
@@ -1027,6 +1039,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("workload")
     w.add_argument("--num-prompts", type=int, default=100)
     w.add_argument("--input-len", type=parse_range, default=parse_range("128"), help="N or A:B (uniform)")
+    w.add_argument("--chat", action="store_true",
+                   help="--num-prompts turns of one chat, each resending the history plus --input-len new tokens "
+                        "(run it with --max-concurrency 1); rows add the first and last turn's TTFT")
     w.add_argument("--shared-prefix-len", type=int, default=0,
                    help="every prompt starts with the same this many tokens (before its --input-len own ones)")
     w.add_argument("--output-len", type=parse_range, default=parse_range("128"), help="N or A:B (uniform)")

@@ -181,11 +181,19 @@ for s in "$@"; do
       $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
         --max-num-seqs 512 --workload-name random-1000x128-128 > "$OUT/serving_a512.log" 2>&1; summary "$OUT/serving_a512.log"
       step inflight-mixed
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-static --num-prompts 512 --input-len 64:512 \
-        --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1; summary "$OUT/serving_c.log"
+      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache,ft_runner-static --num-prompts 512 \
+        --input-len 64:512 --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
+      summary "$OUT/serving_c.log"
       step inflight-online
       $SERVE --model llama-3-8b --engines ft_runner --num-prompts 20 --input-len 512 --output-len 128 --request-rate 1 \
-        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log" ;; esac
+        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log"
+      step inflight-prefix
+      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 512 --shared-prefix-len 1024 \
+        --input-len 128 --output-len 128 --max-duration-s 45 --workload-name shared-1024+128-128 \
+        > "$OUT/serving_prefix.log" 2>&1; summary "$OUT/serving_prefix.log"
+      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 16 --chat --input-len 256 \
+        --output-len 64 --max-concurrency 1 --workload-name chat-16x256-64 > "$OUT/serving_chat.log" 2>&1
+      summary "$OUT/serving_chat.log" ;; esac
     case $s in inflight|inflight-b)
       step inflight-gptj-bs1
       $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \
