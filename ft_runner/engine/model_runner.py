@@ -228,6 +228,16 @@ class ModelRunner:
         return PagedBatch(self.cache, num_decode=plan.num_decode, max_query_len=int(counts.max(initial=1)), **t)
 
 
+def graph_sizes(max_num_seqs: int) -> list[int]:
+    """The decode graphs' row counts: the ladder, then every 128 rows up to max_num_seqs (a step pads
+    to the next size, so wide gaps would waste rows)."""
+    sizes = [s for s in LADDER if s < max_num_seqs]
+    step = 128
+    while sizes and sizes[-1] >= LADDER[-1] and sizes[-1] + step < max_num_seqs:
+        sizes.append(sizes[-1] + step)
+    return sizes + [max_num_seqs]
+
+
 class DecodeGraphs:
     """Decode-only steps as CUDA graphs, one per ladder size up to max_num_seqs, captured at start-up.
 
@@ -236,14 +246,13 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.sizes = [s for s in LADDER if s <= runner.config.max_num_seqs] or [LADDER[0]]
-        if self.sizes[-1] < runner.config.max_num_seqs:
-            self.sizes.append(runner.config.max_num_seqs)
+        self.sizes = graph_sizes(runner.config.max_num_seqs)
         rows, dev = self.sizes[-1], runner.device
         self.tokens = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(rows, dtype=torch.int64, device=dev)
         self.block_tables = torch.full((rows, runner.max_pages), runner.scratch, dtype=torch.int32, device=dev)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None  # one memory pool for all: one replays at a time, the largest captured first
         for size in reversed(self.sizes):
             self.graphs[size] = self._capture(size)
 
@@ -265,8 +274,9 @@ class DecodeGraphs:
                 self.runner.forward(batch)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             logits = self.runner.forward(batch)
+        self.pool = graph.pool()
         return graph, logits
 
     def replay(self, plan: StepPlan, fill) -> torch.Tensor:
