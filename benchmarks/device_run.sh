@@ -147,7 +147,7 @@ for s in "$@"; do
     $BENCH --tp 1 --ckpt-tp 2 --models gptj-6b --batch 1 --engines ft_runner >> "$OUT/bench_tp.log" 2>&1
     grep -E "^model|^---|  fp16 |Error|error|Warning: CUDA" "$OUT/bench_tp.log" | tail -12
     ;;
-  inflight|inflight-a|inflight-b|inflight-c|inflight-d)
+  inflight|inflight-a|inflight-b|inflight-c|inflight-d|inflight-e)
     # the in-flight engine on one GPU: inflight-a the paged kernels' self-check and issue #17/#20's
     # workloads (shortened), inflight-b the GPT-J bs1 A/B and gpu_checks in fp16; inflight both
     SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --results $OUT/results"
@@ -184,6 +184,25 @@ for s in "$@"; do
       step inflight-mixed
       $SERVE --model llama-3-8b --engines ft_runner,ft_runner-static --num-prompts 512 --input-len 64:512 \
         --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1; summary "$OUT/serving_c.log" ;; esac
+    case $s in inflight-e)  # the re-measure at 95ace68: bs1 A/B, online, chat and mixed with/without the cache, wide batches
+      step inflight-gptj-bs1
+      $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \
+        --output-len 256 --workload-name bs1-128-256 > "$OUT/serving_gptj.log" 2>&1; summary "$OUT/serving_gptj.log"
+      step inflight-online
+      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 16 --input-len 512 --output-len 128 --request-rate 1 \
+        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log"
+      step inflight-chat
+      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 16 --chat --input-len 256 \
+        --output-len 64 --max-concurrency 1 --workload-name chat-16x256-64 > "$OUT/serving_chat.log" 2>&1
+      summary "$OUT/serving_chat.log"
+      step inflight-mixed
+      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache,ft_runner-static --num-prompts 512 \
+        --input-len 64:512 --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
+      summary "$OUT/serving_c.log"
+      step inflight-128-wide
+      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
+        --max-num-seqs 1024 --max-num-batched-tokens 16384 --workload-name random-1000x128-128 \
+        > "$OUT/serving_a1024.log" 2>&1; summary "$OUT/serving_a1024.log" ;; esac
     case $s in inflight-c)  # the re-measure after a change: GPT-J bs1 A/B, Llama 128/128, the mixed 512, online
       step inflight-gptj-bs1
       $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \
