@@ -196,9 +196,9 @@ def inflight_runs(stage, gen, runtime, prompts) -> dict:
 
     runs = {}
     for mode, staggered in (("staggered", True), ("alone", False)):
-        seqs, logprobs, scheduler = run_inflight(stage, gen, runtime, prompts, NEW_TOKENS, staggered=staggered)
+        seqs, logprobs, core = run_inflight(stage, gen, runtime, prompts, NEW_TOKENS, staggered=staggered)
         runs[mode] = (seqs, logprobs)
-        runs[f"{mode}_preemptions"] = scheduler.preemptions
+        runs[f"{mode}_preemptions"] = core.scheduler.preemptions
     return runs
 
 

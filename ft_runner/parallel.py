@@ -74,10 +74,56 @@ class Runtime:
     device: torch.device
     tp_group: Optional[dist.ProcessGroup]
     comm: object  # mpi4py COMM_WORLD
+    pipe: Optional[Pipe] = None  # with PP > 1: the stages' hand-offs
 
     @property
     def rank(self) -> int:
         return self.grid.rank
+
+
+class Pipe:
+    """Pipeline hand-offs on groups of their own: hidden states stage to stage, and the last stage's
+    logits back to rank 0.
+
+    Sends do not wait: with several micro-batches in flight, rank 0 sends one micro-batch's hidden
+    states on while the last stage sends an earlier one's logits back, and blocking sends (gloo) or
+    one shared NCCL stream would have each wait for the other. Two groups keep the two directions
+    apart; a send's handle is kept (and its tensor alive) until a later send waits for it."""
+
+    KEEP = 8  # sends in flight per rank before the oldest is waited for
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        self.hidden = dist.new_group(list(range(grid.world)))
+        self.logits = dist.new_group(sorted({0, grid.sampler_rank}))
+        self._sends: list = []
+
+    def send_next(self, h: torch.Tensor) -> None:
+        """This stage's output to the same TP rank of the next stage."""
+        self._send(h, self.grid.stage_rank(self.grid.pp_rank + 1), self.hidden)
+
+    def recv_prev(self, h: torch.Tensor) -> torch.Tensor:
+        dist.recv(h, src=self.grid.stage_rank(self.grid.pp_rank - 1), group=self.hidden)
+        return h
+
+    def send_logits(self, logits: torch.Tensor) -> None:
+        self._send(logits, 0, self.logits)
+
+    def recv_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        dist.recv(logits, src=self.grid.sampler_rank, group=self.logits)
+        return logits
+
+    def _send(self, tensor: torch.Tensor, dst: int, group) -> None:
+        tensor = tensor.contiguous()
+        self._sends.append((dist.isend(tensor, dst=dst, group=group), tensor))
+        while len(self._sends) > self.KEEP:
+            self._sends.pop(0)[0].wait()
+
+    def flush(self) -> None:
+        """Wait for every send (before the groups go)."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
 
 
 def mpi_comm():
@@ -156,7 +202,8 @@ def init_runtime(tp: int, pp: int, device: str = "auto") -> Runtime:
         group = dist.new_group(list(range(stage * tp, (stage + 1) * tp)))
         if stage == grid.pp_rank:
             tp_group = group
-    return Runtime(grid, dev, tp_group, comm)
+    pipe = Pipe(grid) if pp > 1 else None  # after the TP groups: every rank creates groups in one order
+    return Runtime(grid, dev, tp_group, comm, pipe)
 
 
 def agree(comm, fn):
@@ -173,6 +220,8 @@ def agree(comm, fn):
 
 
 def shutdown(runtime: Runtime) -> None:
+    if runtime.pipe is not None:
+        runtime.pipe.flush()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -67,7 +67,7 @@ def check(model_dir: Path, args, runtime) -> bool:
     out = generator.generate(batch)
     solo_rows = range(len(prompts) if args.solo is None else args.solo)
     alone = {row: generator.generate(Batch.make([prompts[row]], args.new_tokens, end_id=end_id)) for row in solo_rows}
-    inflight, _, scheduler = run_inflight(stage, generator, runtime, prompts, args.new_tokens)
+    inflight, _, core = run_inflight(stage, generator, runtime, prompts, args.new_tokens)
     cache_same, hits = prefix_cache_check(stage, generator, runtime, prompts, args.new_tokens)
     del generator, stage
     gc.collect()
@@ -85,16 +85,18 @@ def check(model_dir: Path, args, runtime) -> bool:
         if inflight[row] != want:
             print(f"{name} row {row}: in-flight {inflight[row]}\n        hf        {want}", flush=True)
     same = all(inflight[row] == ref[f"greedy_{row}"].tolist() for row in range(len(prompts)))
+    # with PP > 1 the engine keeps PP micro-batches in flight: these prompts join one per step, so it must
+    micro_batched = core.most_in_flight >= args.pp
     print(f"PARITY model={name} tp={args.tp} pp={args.pp} max_abs_diff={worst:.2e} greedy_equal={equal} "
-          f"inflight_equal={same} preemptions={scheduler.preemptions} prefix_cache_equal={cache_same} "
-          f"prefix_hits={hits}", flush=True)
-    return worst <= 1e-4 and equal and same and cache_same
+          f"inflight_equal={same} preemptions={core.scheduler.preemptions} prefix_cache_equal={cache_same} "
+          f"prefix_hits={hits} in_flight={core.most_in_flight}", flush=True)
+    return worst <= 1e-4 and equal and same and cache_same and micro_batched
 
 
 def run_inflight(stage, generator, runtime, prompts, new_tokens, config=None, staggered=True):
     """Rank 0: each prompt's greedy sequence (and its new tokens' log-probs) through EngineCore,
     one prompt joining per step (`staggered`) or each run alone; the other ranks follow its plans
-    (serving/worker.py). Returns (sequences, log-probs, the scheduler); empty lists off rank 0."""
+    (serving/worker.py). Returns (sequences, log-probs, the engine); empty lists off rank 0."""
     longest = max(len(p) for p in prompts) + new_tokens
     config = config or EngineConfig(max_num_seqs=3, max_num_batched_tokens=8, kv_block_size=8, max_model_len=longest,
                                     kv_cache_blocks=-(-longest // 8) + 2)  # one request and a bit: preemption
@@ -102,7 +104,7 @@ def run_inflight(stage, generator, runtime, prompts, new_tokens, config=None, st
     core = EngineCore(stage, runtime, config, broadcast=channel.send_step if runtime.grid.world > 1 else None)
     if runtime.rank != 0:
         run_worker(core.runner, generator, channel)
-        return [], [], core.scheduler
+        return [], [], core
     sequences, logprobs = {}, {}
     for prompt in prompts:
         rid = core.add_request(prompt, SamplingOptions(max_tokens=new_tokens))
@@ -111,7 +113,7 @@ def run_inflight(stage, generator, runtime, prompts, new_tokens, config=None, st
     drain(core, sequences, logprobs)
     if runtime.grid.world > 1:
         channel.send_stop()
-    return list(sequences.values()), list(logprobs.values()), core.scheduler
+    return list(sequences.values()), list(logprobs.values()), core
 
 
 def prefix_cache_check(stage, generator, runtime, prompts, new_tokens) -> tuple[bool, int]:
@@ -125,9 +127,9 @@ def prefix_cache_check(stage, generator, runtime, prompts, new_tokens) -> tuple[
     for caching in (True, False):
         config = EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, kv_block_size=8, max_model_len=longest,
                               kv_cache_blocks=4 * (-(-longest // 8)), enable_prefix_caching=caching)
-        alone, _, scheduler = run_inflight(stage, generator, runtime, shared, new_tokens, config, staggered=False)
+        alone, _, core = run_inflight(stage, generator, runtime, shared, new_tokens, config, staggered=False)
         together, _, _ = run_inflight(stage, generator, runtime, shared, new_tokens, config)
-        runs[caching] = (alone, together, scheduler.prefix_hits)
+        runs[caching] = (alone, together, core.scheduler.prefix_hits)
     return runs[True][:2] == runs[False][:2], runs[True][2]
 
 

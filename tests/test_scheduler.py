@@ -164,3 +164,34 @@ def test_cached_pages_are_evicted_least_recently_released_first_only_when_free_o
     scheduler.schedule()
     assert len(blocks.free) == 0 and len(blocks.evictable) == 0
     assert not any(k[1] == (1, 2, 3, 4) for k in blocks.cached)
+
+
+def test_pipeline_micro_batches_split_the_requests_and_skip_those_in_flight():
+    scheduler, _ = make(max_num_batched_tokens=64)
+    requests = [request(i, 3) for i in range(4)]
+    for r in requests:
+        scheduler.add(r)
+    first = scheduler.schedule(micro_batches=2)  # about half the requests: the next step gets the rest
+    assert [r.request.id for r in first.rows] == [0, 1]
+    busy = frozenset(r.request.id for r in first.rows)
+    second = scheduler.schedule(busy, micro_batches=2)
+    assert [r.request.id for r in second.rows] == [2, 3]
+    run(scheduler, first)
+    scheduler.computed(second)  # still in flight: no token yet
+    third = scheduler.schedule(frozenset({2, 3}), micro_batches=2)
+    assert [(r.request.id, r.start, r.count) for r in third.rows] == [(0, 3, 1), (1, 3, 1)]
+
+
+def test_a_request_in_flight_is_never_the_one_preempted():
+    scheduler, blocks = make(pages=3, block=4, max_num_batched_tokens=64)
+    old, new = request(0, 4), request(1, 4)
+    for r in (old, new):
+        scheduler.add(r)
+    run(scheduler, scheduler.schedule())  # a page each; both sampled a token
+    third = request(2, 4)
+    scheduler.add(third)
+    run(scheduler, scheduler.schedule(frozenset({0, 1})))  # the last page: only `third` was free to run
+    assert blocks.available == 0
+    # `third` (newest) is in flight; `old` needs a second page: `new` is preempted, not `third`
+    schedule = scheduler.schedule(frozenset({2}))
+    assert schedule.preempted == [new] and new.status == Status.WAITING and third.status == Status.RUNNING

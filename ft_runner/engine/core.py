@@ -12,6 +12,7 @@ other rank runs `ModelRunner.run` on the same plans in the same order (serving/w
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import threading
@@ -93,6 +94,11 @@ class EngineCore:
         self._lock = threading.Lock()  # add_request and cancel may come from other threads
         self._incoming: list[Request] = []
         self._sampled: _Sampled | None = None  # the last step's tokens, not yet read on the host
+        # With PP > 1, PP steps (micro-batches of different requests) are in flight at once, so
+        # that every stage has work: a step's logits are taken when the next ones are launched.
+        self.micro_batches = runtime.grid.pp
+        self._in_flight: collections.deque[Schedule] = collections.deque()
+        self.most_in_flight = 0  # the most steps in flight so far (tests, metrics)
         self.requests: dict[int, Request] = {}
 
     def add_request(self, prompt: list[int], options: SamplingOptions) -> int:
@@ -117,7 +123,8 @@ class EngineCore:
             request.cancelled = True
 
     def has_unfinished(self) -> bool:
-        return bool(self._incoming) or self.scheduler.has_unfinished() or self._sampled is not None
+        return (bool(self._incoming) or self.scheduler.has_unfinished() or self._sampled is not None
+                or bool(self._in_flight))
 
     def step(self) -> list[TokenEvent]:
         """Launch one step of every scheduled request, then read the previous step's tokens while the
@@ -128,19 +135,22 @@ class EngineCore:
         (an end token, a stop word) computed one row for nothing, and its sample is dropped; one
         that ends by length is not scheduled again at all."""
         events = self._take_incoming()
-        schedule = self.scheduler.schedule()
+        busy = frozenset(row.request.id for step in self._in_flight for row in step.rows)
+        schedule = self.scheduler.schedule(busy, self.micro_batches)
         previous, self._sampled = self._sampled, None
-        logits = None
         if schedule.rows:
             plan = make_plan(schedule, previous.requests if previous else ())
             if self.broadcast is not None:
                 self.broadcast(plan)
-            logits = self.runner.run(plan, previous.tokens if previous else None)
+            self.runner.launch(plan, previous.tokens if previous else None)
             self.scheduler.computed(schedule)
+            self._in_flight.append(schedule)
+            self.most_in_flight = max(self.most_in_flight, len(self._in_flight))
         if previous is not None:
             events += self._resolve(previous)
-        if logits is not None:
-            self._sample(logits, [row.request for row in schedule.rows if row.samples])
+        if self._in_flight and (len(self._in_flight) >= self.micro_batches or not schedule.rows):
+            done = self._in_flight.popleft()
+            self._sample(self.runner.collect(), [row.request for row in done.rows if row.samples])
         return events
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> None:

@@ -129,6 +129,7 @@ class FusedDecoder:
     def __init__(self, stage, runtime):
         self.stage = stage
         self.grid = runtime.grid
+        self.pipe = runtime.pipe
         self.group = runtime.tp_group if runtime.grid.tp > 1 else None
         config = stage.config
         self.act, self.gated = _ACTS[config.activation_type]
@@ -226,7 +227,7 @@ class FusedDecoder:
             attend = self._attend(cache, i, positions)
             h, x = (self._parallel if layer.parallel else self._sequential)(layer, h, x, nxt, attend)
         if not self.grid.is_last_stage:
-            dist.send(h.contiguous(), dst=self.grid.stage_rank(self.grid.pp_rank + 1))
+            self.pipe.send_next(h)
             return None
         x = h if x is None else x  # x is None: the model has no final norm
         return self._head(x if last is None else x[last])
@@ -238,7 +239,7 @@ class FusedDecoder:
             attend = self._attend(cache, i, positions)
             h = (self._parallel_single if layer.parallel else self._sequential_single)(layer, h, attend)
         if not self.grid.is_last_stage:
-            dist.send(h.contiguous(), dst=self.grid.stage_rank(self.grid.pp_rank + 1))
+            self.pipe.send_next(h)
             return None
         return self._head(h, self.head_fold or (self.final_norm.args() if self.final_norm is not None else None))
 
@@ -283,8 +284,7 @@ class FusedDecoder:
             return h if stage.ln_embed is None else stage.ln_embed(h)
         h = torch.empty((tokens.shape[0], self.stage.config.hidden_size), dtype=self.layers[0].qkv_w.dtype,
                         device=tokens.device)
-        dist.recv(h, src=self.grid.stage_rank(self.grid.pp_rank - 1))
-        return h
+        return self.pipe.recv_prev(h)
 
     def _attend(self, cache, layer: int, positions):
         def attend(qkv, out=None):

@@ -298,10 +298,10 @@ class Generator:
             h = model.embed(ids, positions)
         else:
             h = torch.empty((*ids.shape, model.config.hidden_size), dtype=self.dtype, device=self.device)
-            dist.recv(h, src=grid.stage_rank(grid.pp_rank - 1))
+            self.runtime.pipe.recv_prev(h)
         h = model(h, cache, row_positions, prefill)
         if not grid.is_last_stage:
-            dist.send(h.contiguous(), dst=grid.stage_rank(grid.pp_rank + 1))
+            self.runtime.pipe.send_next(h)
             return None
         return h
 

@@ -12,6 +12,7 @@ stage's logits of the rows that sample come back to rank 0, which samples.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -151,23 +152,38 @@ class ModelRunner:
         rotary = getattr(stage, "rotary", None)
         if rotary is not None and rotary.inv is not None:
             rotary.inv = rotary.inv.to(self.device)
+        self._outstanding: collections.deque = collections.deque()  # rank 0: launched plans' logits
         self.graphs = DecodeGraphs(self) if self._graphs_on() else None
 
     def _graphs_on(self) -> bool:
         return (self.device.type == "cuda" and self.config.cuda_graphs and self.fused is not None
                 and self.grid.pp == 1)
 
-    @torch.inference_mode()
     def run(self, plan: StepPlan, previous: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Logits (S, vocab) fp32 of the plan's sampled rows on rank 0; None on the other ranks.
-        `previous` (rank 0): the last step's sampled tokens on the device, for the plan's pending ones."""
+        """Logits (S, vocab) fp32 of the plan's sampled rows on rank 0; None on the other ranks."""
+        self.launch(plan, previous)
+        return self.collect() if self.grid.rank == 0 else None
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, previous: torch.Tensor | None = None) -> None:
+        """Run this rank's part of the plan. `previous` (rank 0): the last step's sampled tokens on
+        the device, for the plan's pending ones. Rank 0 takes the plan's logits later, in launch
+        order, from `collect`: with PP > 1 several plans (micro-batches) are in flight at once."""
         if self.graphs is not None and self.graphs.covers(plan):
             logits = self.graphs.replay(plan, lambda tokens: self.fill_pending(tokens, plan, previous))
         else:
             batch = self.to_device(plan)
             self.fill_pending(batch.tokens, plan, previous)
             logits = self.forward(batch)
-        return self._to_rank0(logits, len(plan.sample_rows))
+        self._hand_over(logits, len(plan.sample_rows))
+
+    def collect(self) -> torch.Tensor:
+        """Rank 0: the oldest launched plan's logits (S, vocab) fp32."""
+        logits = self._outstanding.popleft()
+        if isinstance(logits, int):  # the last stage sends them
+            buffer = torch.empty((logits, self.stage.config.vocab_size), dtype=torch.float32, device=self.device)
+            logits = self.runtime.pipe.recv_logits(buffer)
+        return logits
 
     def fill_pending(self, tokens: torch.Tensor, plan: StepPlan, previous: torch.Tensor | None) -> None:
         """Rank 0 writes the pending tokens from the previous step's samples, on the device, and
@@ -194,25 +210,21 @@ class ModelRunner:
             h = stage.embed(batch.tokens[None], batch.positions[None])
         else:
             h = torch.empty((1, batch.tokens.shape[0], stage.config.hidden_size), dtype=self.dtype, device=self.device)
-            dist.recv(h, src=grid.stage_rank(grid.pp_rank - 1))
+            self.runtime.pipe.recv_prev(h)
         h = stage(h, self.cache, batch, prefill=True)
         if not grid.is_last_stage:
-            dist.send(h.contiguous(), dst=grid.stage_rank(grid.pp_rank + 1))
+            self.runtime.pipe.send_next(h)
             return None
         return stage.logits(h[0, batch.last])
 
-    def _to_rank0(self, logits, rows: int) -> torch.Tensor | None:
-        """With several stages the last one's sampler rank sends the logits to rank 0."""
+    def _hand_over(self, logits, rows: int) -> None:
+        """Rank 0 keeps the logits for `collect`; with several stages the last one's sampler rank
+        sends them, and rank 0 keeps their row count."""
         grid = self.grid
-        if grid.pp == 1 or grid.sampler_rank == 0:
-            return logits if grid.rank == 0 else None
-        if grid.rank == grid.sampler_rank:
-            dist.send(logits.contiguous(), dst=0)
-        elif grid.rank == 0:
-            logits = torch.empty((rows, self.stage.config.vocab_size), dtype=torch.float32, device=self.device)
-            dist.recv(logits, src=grid.sampler_rank)
-            return logits
-        return None
+        if grid.rank == 0:
+            self._outstanding.append(logits if grid.sampler_rank == 0 else rows)
+        elif grid.rank == grid.sampler_rank:
+            self.runtime.pipe.send_logits(logits)
 
     def to_device(self, plan: StepPlan) -> PagedBatch:
         dev = self.device

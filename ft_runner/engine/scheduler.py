@@ -75,27 +75,32 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> Schedule:
+    def schedule(self, busy: frozenset[int] = frozenset(), micro_batches: int = 1) -> Schedule:
+        """The next step. `busy`: ids of requests in steps still in flight (pipeline micro-batches),
+        which wait for their logits; with `micro_batches` > 1 a step takes about its share of the
+        requests, so that the next ones have rows of their own to overlap with it."""
         budget = self.config.max_num_batched_tokens
-        rows, preempted = self._schedule_running(budget)
+        limit = -(-(len(self.running) + len(self.waiting)) // micro_batches)
+        rows, preempted = self._schedule_running(budget, busy, limit)
         budget -= sum(r.count for r in rows)
         if not preempted:
-            rows += self._admit(budget)
+            rows += self._admit(budget, limit - len(rows))
         rows.sort(key=lambda r: r.count > 1)  # stable: decodes first, each group in admission order
         return Schedule(rows, preempted)
 
-    def _schedule_running(self, budget: int) -> tuple[list[Scheduled], list[Request]]:
+    def _schedule_running(self, budget: int, busy: frozenset[int], limit: int) -> tuple[list[Scheduled], list[Request]]:
         rows: list[Scheduled] = []
         preempted: list[Request] = []
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(rows) < limit:
             request = self.running[index]
-            if request.done_by_length:  # its last token is still being sampled: nothing more to compute
+            # done_by_length: its last token is still being sampled, nothing more to compute
+            if request.done_by_length or request.id in busy:
                 index += 1
                 continue
             count = min(request.num_tokens - request.num_computed, budget)
             while not self.blocks.allocate(request, request.num_computed + count):
-                victim = self.running.pop()  # the most recently admitted
+                victim = self._victim(busy)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
@@ -105,9 +110,16 @@ class Scheduler:
             index += 1
         return rows, preempted
 
-    def _admit(self, budget: int) -> list[Scheduled]:
+    def _victim(self, busy: frozenset[int]) -> Request:
+        """The most recently admitted request not in a step in flight (the one being scheduled at
+        worst: it is not busy), taken out of `running`."""
+        index = max(i for i, r in enumerate(self.running) if r.id not in busy)
+        return self.running.pop(index)
+
+    def _admit(self, budget: int, limit: int) -> list[Scheduled]:
         rows = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and len(rows) < limit
+               and len(self.running) < self.config.max_num_seqs):
             request = self.waiting[0]
             hit = self.blocks.share_prefix(request) if request.num_computed == 0 else 0
             request.num_computed += hit
