@@ -147,7 +147,7 @@ for s in "$@"; do
     $BENCH --tp 1 --ckpt-tp 2 --models gptj-6b --batch 1 --engines ft_runner >> "$OUT/bench_tp.log" 2>&1
     grep -E "^model|^---|  fp16 |Error|error|Warning: CUDA" "$OUT/bench_tp.log" | tail -12
     ;;
-  inflight|inflight-a|inflight-b|inflight-c|inflight-d|inflight-e)
+  inflight|inflight-a|inflight-b|inflight-c|inflight-d|inflight-e|inflight-f)
     # the in-flight engine on one GPU: inflight-a the paged kernels' self-check and issue #17/#20's
     # workloads (shortened), inflight-b the GPT-J bs1 A/B and gpu_checks in fp16; inflight both
     SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --results $OUT/results"
@@ -203,6 +203,19 @@ for s in "$@"; do
       $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
         --max-num-seqs 1024 --max-num-batched-tokens 16384 --workload-name random-1000x128-128 \
         > "$OUT/serving_a1024.log" 2>&1; summary "$OUT/serving_a1024.log" ;; esac
+    case $s in inflight-f)  # after the aligned prefill tables: the mixed 512 (cache, no cache, static), 128/128
+      # and 1000/1000 at vLLM's offline defaults for an H100 (1024 sequences, 16384 tokens a step)
+      WIDE="--max-num-seqs 1024 --max-num-batched-tokens 16384"
+      step inflight-mixed
+      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache,ft_runner-static --num-prompts 512 \
+        --input-len 64:512 --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
+      summary "$OUT/serving_c.log"
+      step inflight-128-wide
+      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 $WIDE \
+        --workload-name random-1000x128-128 > "$OUT/serving_a1024.log" 2>&1; summary "$OUT/serving_a1024.log"
+      step inflight-1000
+      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 $WIDE \
+        --workload-name random-1000x1000-1000 > "$OUT/serving_b.log" 2>&1; summary "$OUT/serving_b.log" ;; esac
     case $s in inflight-c)  # the re-measure after a change: GPT-J bs1 A/B, Llama 128/128, the mixed 512, online
       step inflight-gptj-bs1
       $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \

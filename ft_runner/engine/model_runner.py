@@ -81,6 +81,11 @@ class PagedBatch:
     num_decode: int
     max_query_len: int
     prefill_cu: torch.Tensor | None = None  # int32: cu_seqlens of the prefill chunks, from their first token
+    # the prefill chunks' rows of block_tables and context_lens as tensors of their own: a slice past
+    # the decodes may start off a 16-byte boundary, and Triton compiles a kernel anew for each
+    # alignment of its pointers (a compile is ~1 s, in the middle of serving)
+    prefill_tables: torch.Tensor | None = None
+    prefill_context: torch.Tensor | None = None
 
     @property
     def k(self):
@@ -100,8 +105,10 @@ class PagedBatch:
             ops.paged_decode_attention(qkv[:d], k, v, self.block_tables[:d], positions[:d], heads, kv_heads,
                                        head_dim, scale, rope, out[:d])
         if d < qkv.shape[0]:
-            ops.prefill_attention(qkv[d:], k, v, self.block_tables[d:], self.prefill_cu,
-                                  self.context_lens[d:], self.max_query_len, heads, kv_heads, head_dim, scale,
+            tables = self.block_tables[d:] if self.prefill_tables is None else self.prefill_tables
+            context = self.context_lens[d:] if self.prefill_context is None else self.prefill_context
+            ops.prefill_attention(qkv[d:], k, v, tables, self.prefill_cu, context, self.max_query_len, heads,
+                                  kv_heads, head_dim, scale,
                                   rope, out=out[d:])
         return out
 
@@ -233,10 +240,16 @@ class ModelRunner:
         # length, each later token at its own position + 1
         seq_lens = np.maximum(np.repeat(plan.prompt_lens, counts), plan.positions + 1)
         last = plan.cu_seqlens[1:][plan.sample_rows].astype(np.int64) - 1
+        d = plan.num_decode
+        # a table width that is a multiple of 16: Triton specializes on an integer's divisibility by 16
+        # (the tables' row stride), and each variant would compile anew as the longest request grows
+        tables = np.pad(plan.block_tables, ((0, 0), (0, -plan.block_tables.shape[1] % 16)))
         t = {name: to_device(a, dev) for name, a in (
             ("tokens", plan.tokens), ("positions", plan.positions), ("cu_seqlens", plan.cu_seqlens),
-            ("context_lens", plan.context_lens), ("block_tables", plan.block_tables), ("seq_lens", seq_lens),
-            ("last", last), ("prefill_cu", plan.cu_seqlens[plan.num_decode:] - plan.num_decode))}
+            ("context_lens", plan.context_lens), ("block_tables", tables), ("seq_lens", seq_lens),
+            ("last", last), ("prefill_cu", plan.cu_seqlens[d:] - d))}
+        if 0 < d < plan.num_seqs:
+            t["prefill_tables"], t["prefill_context"] = to_device(tables[d:], dev), to_device(plan.context_lens[d:], dev)
         return PagedBatch(self.cache, num_decode=plan.num_decode, max_query_len=int(counts.max(initial=1)), **t)
 
 
