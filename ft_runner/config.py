@@ -230,3 +230,26 @@ class EngineConfig:
         given; learned position tables end there, rotary and ALiBi models may be asked for more."""
         length = self.max_model_len or model.max_pos_seq_len
         return min(length, model.max_pos_seq_len) if model.has_positional_encoding else length
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingConfig:
+    """Rank 0's limits on requests (server flags of the same names), checked once here; every API applies them."""
+
+    request_timeout_s: float = 0.0  # a request's deadline from its arrival; 0: none (a request may ask for less)
+    max_queue_len: int = 0  # a request is refused while this many rows already wait for the engine; 0: no limit
+    max_concurrent_requests: int = 256  # OpenAI API: requests in flight (running or waiting) at most
+
+    def __post_init__(self):
+        if not 0 <= self.request_timeout_s < float("inf"):
+            raise ConfigError(f"--request-timeout-s must be a number of seconds >= 0 (0: no deadline), "
+                              f"got {self.request_timeout_s}")
+        if self.max_queue_len < 0:
+            raise ConfigError(f"--max-queue-len must be >= 0 (0: no limit), got {self.max_queue_len}")
+        if self.max_concurrent_requests < 1:
+            raise ConfigError(f"--max-concurrent-requests must be at least 1, got {self.max_concurrent_requests}")
+
+    def timeout_for(self, requested_s: float | None) -> float | None:
+        """A request's deadline in seconds: its own `requested_s` or the server's, the shorter; None: none."""
+        limits = [t for t in (requested_s, self.request_timeout_s) if t]
+        return min(limits) if limits else None

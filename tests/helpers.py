@@ -90,13 +90,14 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> list[i
 class Server:
     """`mpirun -n N python server.py ...` on free ports; a context manager that always cleans up."""
 
-    def __init__(self, n: int, *args: str, tmp: Path, ready_timeout: float = 180.0):
+    def __init__(self, n: int, *args: str, tmp: Path, ready_timeout: float = 180.0, env: dict | None = None):
         self.http, self.grpc, self.metrics = free_ports(3)
         self.cmd = mpirun(n, str(ROOT / "server.py"), *args, "--output-dir", str(tmp / "ft_models"),
                           "--bind-address", "127.0.0.1", "--http-port", str(self.http),
                           "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics))
         self.log_path = tmp / f"server-{self.http}.log"
         self.ready_timeout = ready_timeout
+        self.env = env or {}  # extra environment (fault injection)
         self.proc = None
 
     @property
@@ -109,7 +110,7 @@ class Server:
 
     def start(self) -> "Server":
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, env=mpi_env(), stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.cmd, env=mpi_env(**self.env), stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:

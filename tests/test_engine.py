@@ -14,11 +14,11 @@ from helpers import hf_greedy, make_tiny_gpt2
 from ft_runner import parallel
 from ft_runner.checkpoint.convert import convert
 from ft_runner.checkpoint.load import load_stage
-from ft_runner.config import EngineConfig
+from ft_runner.config import EngineConfig, ServingConfig
 from ft_runner.engine.core import EngineCore
 from ft_runner.engine.generator import Batch, Generator
 from ft_runner.engine.sampler import Finish
-from ft_runner.serving.frontend import Frontend
+from ft_runner.serving.frontend import Frontend, QueueFull, RequestTimeout
 from ft_runner.serving.protocol import Channel
 
 SMALL = EngineConfig(max_num_seqs=3, max_num_batched_tokens=16, kv_block_size=8, kv_cache_blocks=14)
@@ -128,10 +128,59 @@ def test_a_cancelled_job_frees_its_pages_at_the_next_step_and_the_others_finish(
     front.run(stop)
     assert leaving.cancelled() and seen == [0, 1, 2], "no step after the one that cancelled it"
     np.testing.assert_array_equal(staying.result(0).output_ids, alone.output_ids)
-    counts = {s.labels["outcome"]: s.value for m in front.metrics.requests.collect() for s in m.samples
-              if s.name.endswith("_total")}
-    assert counts == {"cancelled": 2.0, "success": 1.0}
+    assert outcomes(front) == {"cancelled": 2.0, "success": 1.0}
     assert front.core.blocks.usage == 0.0
+
+
+def outcomes(front: Frontend) -> dict:
+    return {s.labels["outcome"]: s.value for m in front.metrics.requests.collect() for s in m.samples
+            if s.name.endswith("_total")}
+
+
+def test_a_job_past_its_deadline_stops_at_the_next_step_and_frees_its_pages(generator):
+    """Its rows end like a cancelled job's, its future raises RequestTimeout; a queued job already past its
+    deadline never runs; the job beside them is unchanged."""
+    gen, runtime = generator
+    front = frontend(gen, runtime, EngineConfig(kv_block_size=8, kv_cache_blocks=32))
+    staying_batch = Batch.make([[8, 9]], 20, end_id=-1)
+    alone = gen.generate(staying_batch)
+    seen = []
+
+    def on_token(step, tokens, reasons):  # on the engine thread: its deadline passes during step 2's delivery
+        seen.append(step)
+        if step == 2:
+            time.sleep(0.6)
+
+    late = front.submit_async(Batch.make([[5, 6, 7]], 100, end_id=-1), on_token=on_token, timeout_s=0.5)
+    staying = front.submit_async(staying_batch)
+    expired = front.submit_async(Batch.make([[4]], 5, end_id=-1), timeout_s=1e-6)
+    stop = threading.Event()
+    stop.set()
+    front.run(stop)
+    for future, limit in ((late, "0.5"), (expired, "1e-06")):
+        with pytest.raises(RequestTimeout, match=rf"did not finish within its deadline of {limit} s"):
+            future.result(0)
+    assert seen == [0, 1, 2], "no step after its deadline"
+    np.testing.assert_array_equal(staying.result(0).output_ids, alone.output_ids)
+    assert outcomes(front) == {"timeout": 2.0, "success": 1.0}
+    assert front.core.blocks.usage == 0.0
+
+
+def test_a_full_queue_refuses_at_once_and_a_health_probe_is_never_refused(generator):
+    """--max-queue-len counts the rows already waiting, not the new request's: 3 wait, the next is refused."""
+    gen, runtime = generator
+    front = Frontend(EngineCore(gen.model, runtime, SMALL), gen, Channel(runtime.comm),
+                     limits=ServingConfig(max_queue_len=2))
+    accepted = [front.submit_async(Batch.make([[5, 6]], 4, end_id=-1)),
+                front.submit_async(Batch.make([[7], [8]], 4, end_id=-1))]  # 1 row waits before it
+    with pytest.raises(QueueFull, match=r"3 requests already wait for the engine \(--max-queue-len 2\)"):
+        front.submit_async(Batch.make([[9]], 4, end_id=-1))
+    accepted.append(front.submit_async(Batch.make([[9]], 1, end_id=-1), probe=True))
+    stop = threading.Event()
+    stop.set()
+    front.run(stop)
+    assert [f.result(0).sequence_lengths.tolist() for f in accepted] == [[6], [5, 5], [2]]
+    assert outcomes(front) == {"rejected": 1.0, "success": 4.0}
 
 
 def test_a_request_too_long_for_the_cache_fails_alone(generator):

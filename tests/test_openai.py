@@ -172,9 +172,8 @@ def test_missing_prompt_is_400(client):
 
 
 @pytest.fixture(scope="module")
-def local_api(tiny_gpt2, tmp_path_factory):
-    from fastapi.testclient import TestClient
-
+def local_engine(tiny_gpt2, tmp_path_factory):
+    """A real Frontend over a one-rank CPU engine, its thread running; and the model's tokenizer."""
     from ft_runner import parallel
     from ft_runner.checkpoint.convert import convert
     from ft_runner.checkpoint.load import load_stage
@@ -191,7 +190,18 @@ def local_api(tiny_gpt2, tmp_path_factory):
     stop = threading.Event()
     loop = threading.Thread(target=engine.run, args=(stop,), daemon=True)
     loop.start()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt)
+    yield engine, transformers.AutoTokenizer.from_pretrained(ckpt)
+    stop.set()
+    loop.join(10)
+
+
+@pytest.fixture(scope="module")
+def local_api(local_engine):
+    from fastapi.testclient import TestClient
+
+    from ft_runner.serving.openai_api import OpenAIServer
+
+    engine, tokenizer = local_engine
 
     def make(no_chat_template=False, **kw):
         tok = tokenizer
@@ -200,9 +210,7 @@ def local_api(tiny_gpt2, tmp_path_factory):
             tok.chat_template = None
         return TestClient(OpenAIServer(engine, tok, engine.generator.model.config, "m", **kw).app)
 
-    yield make
-    stop.set()
-    loop.join(10)
+    return make
 
 
 def test_a_model_without_chat_template_answers_400(local_api):
@@ -234,3 +242,59 @@ def test_frequency_penalty_changes_the_greedy_continuation_as_the_sampler_says(l
     plain = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     penalised = client.post("/v1/completions", json={**body, "frequency_penalty": 2.0}).json()
     assert penalised["choices"][0]["text"] != plain and penalised["usage"]["completion_tokens"] > 0
+
+
+def serve_with_small_send_buffers(app) -> tuple[object, int]:
+    """uvicorn on a listening socket whose connections get 8 kB send buffers (as over a slow network:
+    no autotuning to megabytes, as loopback does), so that a client that stops reading blocks its writes."""
+    import uvicorn
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # accepted sockets inherit it
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    server.install_signal_handlers = lambda: None
+    threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server, listener.getsockname()[1]
+
+
+def test_a_client_that_stops_reading_its_stream_holds_up_no_one_and_loses_it_after_its_deadline(local_engine):
+    """Real uvicorn, real sockets: 16 choices of 120 tokens (about 330 kB of SSE) to a client that never
+    reads fill the socket buffers, so the response's writes block. Another request is served meanwhile,
+    the request leaves the in-flight count when its generation ends, and SEND_GRACE_S after its
+    deadline (its `timeout`) the server drops the connection: the client finds no [DONE]."""
+    from ft_runner.serving.openai_api import SEND_GRACE_S, OpenAIServer
+
+    engine, tokenizer = local_engine
+    api = OpenAIServer(engine, tokenizer, engine.generator.model.config, "m")
+    uvicorn_server, port = serve_with_small_send_buffers(api.app)
+    try:
+        body = json.dumps({"prompt": "hi", "max_tokens": 120, "n": 16, "ignore_eos": True, "stream": True,
+                           "timeout": 2.0}).encode()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", port))
+        start = time.monotonic()
+        stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        other = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        assert other.completions.create(model="m", prompt="hi", max_tokens=4).usage.completion_tokens == 4
+        deadline = time.monotonic() + 30
+        while api.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert api.in_flight == 0, "a stalled client kept its request in flight after its generation ended"
+        assert engine.core.kv_cache_usage == 0.0
+        time.sleep(max(0.0, start + 2.0 + SEND_GRACE_S + 1.0 - time.monotonic()))
+        stalled.settimeout(10)
+        received = b""
+        while chunk := stalled.recv(65536):
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and b"[DONE]" not in received, "the stream was not cut off"
+        assert 0 < received.count(b"data:") < 16 * 120
+    finally:
+        stalled.close()
+        uvicorn_server.should_exit = True

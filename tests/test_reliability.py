@@ -37,8 +37,7 @@ class RecordingServer(Server):
     """A Server with extra environment that polls /v2/health/ready from the moment mpirun starts."""
 
     def __init__(self, n: int, *args: str, tmp: Path, env: dict | None = None):
-        super().__init__(n, *args, tmp=tmp)
-        self.env = env or {}
+        super().__init__(n, *args, tmp=tmp, env=env)
         self.polls: list[tuple[float, bool, str]] = []  # (time, ready, log so far)
 
     def start(self) -> RecordingServer:

@@ -201,6 +201,11 @@ class EngineCore:
         return self.requests.get(request_id)
 
     @property
+    def num_waiting(self) -> int:
+        """Requests not running yet: just added, queued, or preempted (any thread may look)."""
+        return len(self._incoming) + len(self.scheduler.waiting)
+
+    @property
     def kv_cache_usage(self) -> float:
         return self.blocks.usage
 

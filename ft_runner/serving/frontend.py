@@ -10,6 +10,10 @@ the whole Output once all its rows are done.
 
 Beam search keeps the static engine's path (engine/beam.py: its beams reorder a contiguous cache):
 a beam job runs to completion between two steps, pausing the in-flight requests meanwhile.
+
+Limits (config.ServingConfig): a job past its deadline is stopped at the next step like a cancelled
+one (its KV pages free up) and its future raises RequestTimeout; a job submitted while
+`max_queue_len` rows already wait for the engine is refused at once with QueueFull.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import concurrent.futures
 import dataclasses
 import queue
 import threading
+import time
 from typing import Callable, Optional
 
 import numpy as np
 
-from ft_runner.config import ConfigError
+from ft_runner.config import ConfigError, ServingConfig
 from ft_runner.engine.core import EngineCore, TokenEvent
 from ft_runner.engine.generator import Batch, Generator, Output
 from ft_runner.engine.request import SamplingOptions
@@ -42,6 +47,14 @@ class EngineFailed(RuntimeError):
     """A step failed: the ranks may be out of step, so the job must end (server.py aborts it)."""
 
 
+class QueueFull(RuntimeError):
+    """--max-queue-len rows already wait for the engine: refused at once, so a client never waits unbounded."""
+
+
+class RequestTimeout(RuntimeError):
+    """The request's deadline passed before it finished: its rows were stopped and their KV pages freed."""
+
+
 @dataclasses.dataclass(eq=False)  # jobs are compared by identity
 class _Job:
     batch: Batch
@@ -54,6 +67,9 @@ class _Job:
     logprobs: list[list[float]] = dataclasses.field(default_factory=list)
     codes: list[int] = dataclasses.field(default_factory=list)  # per row, its Finish code (0 while running)
     delivered: int = 0  # steps handed to on_token
+    timeout_s: Optional[float] = None  # its deadline, counted from `submitted`; None: none
+    submitted: float = dataclasses.field(default_factory=time.monotonic)
+    timed_out: bool = False  # its deadline passed: its rows are being stopped
 
     def __post_init__(self):
         rows = self.batch.size
@@ -76,19 +92,29 @@ class _Job:
     def finished(self) -> bool:
         return all(c != Finish.RUNNING for c in self.codes) and not self.ready()
 
+    def expired(self) -> bool:
+        return self.timeout_s is not None and time.monotonic() >= self.submitted + self.timeout_s
+
+    def timeout_error(self) -> RequestTimeout:
+        return RequestTimeout(f"the request timed out: it did not finish within its deadline of {self.timeout_s:g} s "
+                              "(its own timeout or the server's --request-timeout-s), so its generation was stopped; "
+                              "retry with a longer timeout or fewer tokens")
+
 
 class Frontend:
     """Serving threads `submit` batches; `run` (the engine thread) feeds their rows to the engine
     and steps it, first telling every other rank what to run so their collectives match rank 0's.
 
-    A job whose future is cancelled (its client went away) is dropped if it has not started, and
-    its rows end at the next step, freeing their KV pages, if it has."""
+    A job whose future is cancelled (its client went away) or whose deadline passes is dropped if it
+    has not started, and its rows end at the next step, freeing their KV pages, if it has."""
 
-    def __init__(self, core: EngineCore, generator: Generator, channel: Channel, metrics: Optional[Metrics] = None):
+    def __init__(self, core: EngineCore, generator: Generator, channel: Channel, metrics: Optional[Metrics] = None,
+                 limits: Optional[ServingConfig] = None):
         self.core = core
         self.generator = generator  # the static engine: beam search
         self.channel = channel
         self.metrics = metrics or Metrics()
+        self.limits = limits or ServingConfig()
         self.jobs: queue.Queue[_Job] = queue.Queue()
         self.accepting = True
         self.refusal = "the server is shutting down and accepts no new requests"
@@ -98,6 +124,8 @@ class Frontend:
         self._live: list[_Job] = []  # jobs with rows in the engine
         self._beams: collections.deque[_Job] = collections.deque()
         self._counted = (0, 0, 0)  # the scheduler's preemptions, prefix queries and hits at the last look
+        self._queued_rows = 0  # rows submitted and not yet taken by the engine thread (under _lock)
+        self._waiting_rows = 0  # rows taken but not running yet (the engine's waiting, beams) at the last look
         self._arrived = threading.Event()
         if channel.comm.Get_size() > 1:
             core.broadcast = channel.send_step
@@ -106,19 +134,36 @@ class Frontend:
         """Queue a batch and wait for its output; `on_token` sees each step's tokens as they come."""
         return self.submit_async(batch, on_token).result()
 
-    def submit_async(self, batch: Batch, on_token: Optional[Callable] = None,
-                     key: Optional[str] = None) -> concurrent.futures.Future:
-        """Queue a batch; its future holds the Output. `future.cancel()`, or `cancel(key)`, gives it up."""
+    def submit_async(self, batch: Batch, on_token: Optional[Callable] = None, key: Optional[str] = None,
+                     timeout_s: Optional[float] = None, probe: bool = False) -> concurrent.futures.Future:
+        """Queue a batch; its future holds the Output. `future.cancel()`, or `cancel(key)`, gives it up.
+
+        `timeout_s`: the request's own deadline in seconds from now (limits.timeout_for: the server's
+        --request-timeout-s when that is shorter); past it the future raises RequestTimeout. Raises
+        QueueFull when --max-queue-len rows already wait, unless it is a health `probe`."""
         with self._lock:
             if not self.accepting:
                 raise ServerStopping(self.refusal)
-            job = _Job(batch, concurrent.futures.Future(), on_token, RequestTimer(self.metrics, batch.size), key)
+            if not probe:
+                self._check_queue(batch.size)
+            job = _Job(batch, concurrent.futures.Future(), on_token, RequestTimer(self.metrics, batch.size), key,
+                       timeout_s=None if probe else self.limits.timeout_for(timeout_s))
             if key is not None:
                 self._keyed[key] = job
                 job.future.add_done_callback(lambda _: self._keyed.pop(key, None))
+            self._queued_rows += batch.size
             self.jobs.put(job)
         self._arrived.set()
         return job.future
+
+    def _check_queue(self, rows: int) -> None:
+        """Refuse (under _lock) while the queue is full. The rows already waiting are counted, not the new
+        request's, so one reaching an idle server is never refused, however many rows it has."""
+        limit, waiting = self.limits.max_queue_len, self._queued_rows + self._waiting_rows
+        if limit and waiting >= limit:
+            self.metrics.requests.labels("rejected").inc(rows)
+            raise QueueFull(f"the server is overloaded: {waiting} requests already wait for the engine "
+                            f"(--max-queue-len {limit}); retry later")
 
     def cancel(self, key: str) -> bool:
         """Give up the job submitted with `key` (its client went away); False if it has ended."""
@@ -153,9 +198,14 @@ class Frontend:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
+            with self._lock:  # its rows stay counted as waiting until _update_gauges recounts them
+                self._queued_rows -= job.batch.size
+                self._waiting_rows += job.batch.size
             job.timer.started()
             if job.future.cancelled():  # given up while queued
                 job.timer.done("cancelled", reasons=["abort"] * job.batch.size)
+            elif job.expired():
+                self._time_out(job)
             elif (job.batch.beam_width > 1).any():
                 self._beams.append(job)
             else:
@@ -179,10 +229,7 @@ class Frontend:
         self._live.append(job)
 
     def _step(self) -> None:
-        for job in self._live:
-            if job.future.cancelled():
-                for request_id in job.request_ids:
-                    self.core.cancel(request_id)
+        self._stop_given_up()
         try:
             events = self.core.step()
         except Exception as exc:  # ranks may now be out of step: fail every request, the caller ends the job
@@ -192,6 +239,19 @@ class Frontend:
         touched = {id(job): job for job in (self._record(event) for event in events) if job is not None}
         for job in touched.values():
             self._deliver(job)
+
+    def _stop_given_up(self) -> None:
+        """Jobs given up by their client or past their deadline: their rows end at this step, freeing their pages."""
+        for job in self._live:
+            job.timed_out = job.timed_out or job.expired()
+            if job.future.cancelled() or job.timed_out:
+                for request_id in job.request_ids:
+                    self.core.cancel(request_id)
+
+    def _time_out(self, job: _Job) -> None:
+        """A job whose deadline passed before it started."""
+        job.timer.done("timeout", reasons=["abort"] * job.batch.size)
+        _settle(job.future, error=job.timeout_error())
 
     def _record(self, event: TokenEvent) -> Optional[_Job]:
         job, row = self._rows.get(event.request_id, (None, 0))
@@ -220,12 +280,18 @@ class Frontend:
         output = job_output(job.batch, job.tokens, job.logprobs, job.codes)
         generated = int((output.sequence_lengths - job.batch.lengths).sum())
         reasons = [_REASON_LABELS.get(int(code), "stop") for code in job.codes]
-        outcome = "cancelled" if job.future.cancelled() else "success"
+        outcome = "cancelled" if job.future.cancelled() else "timeout" if job.timed_out else "success"
         job.timer.done(outcome, int(job.batch.lengths.sum()), generated, reasons)
-        _settle(job.future, output)
+        if job.timed_out:
+            _settle(job.future, error=job.timeout_error())
+        else:
+            _settle(job.future, output)
 
     def _run_static(self, job: _Job) -> None:
-        """A beam-search job, through the static engine on every rank."""
+        """A beam-search job, through the static engine on every rank (it cannot be stopped once started)."""
+        if job.expired():
+            self._time_out(job)
+            return
         if self.channel.comm.Get_size() > 1:
             self.channel.send_generate(job.batch)
         try:
@@ -243,7 +309,8 @@ class Frontend:
     def _update_gauges(self) -> None:
         scheduler = self.core.scheduler
         self.metrics.running.set(len(scheduler.running))
-        self.metrics.waiting.set(len(scheduler.waiting) + self.jobs.qsize())
+        self._waiting_rows = self.core.num_waiting + sum(job.batch.size for job in self._beams)
+        self.metrics.waiting.set(self._waiting_rows + self._queued_rows)
         self.metrics.kv_cache_usage.set(self.core.kv_cache_usage)
         counts = (scheduler.preemptions, scheduler.prefix_queries, scheduler.prefix_hits)
         for counter, now, before in zip((self.metrics.preemptions, self.metrics.prefix_queries,

@@ -53,7 +53,9 @@ class HealthModel:
         start = time.perf_counter()
         with self._lock:
             if self._pending is None or self._pending.done():
-                self._pending = self.engine.submit_async(Batch.make([[self.end_id]], [1], end_id=self.end_id))
+                # a probe: never refused for a full queue nor stopped at --request-timeout-s (it has its own timeout)
+                self._pending = self.engine.submit_async(Batch.make([[self.end_id]], [1], end_id=self.end_id),
+                                                         probe=True)
             future = self._pending
         try:
             future.result(timeout=timeout)

@@ -14,7 +14,7 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("ft_runner:requests", "Requests by outcome (success, error, rejected, cancelled).",
+        self.requests = Counter("ft_runner:requests", "Requests by outcome (success, error, rejected, cancelled, timeout).",
                                 ["outcome"], registry=r)
         self.finished = Counter("ft_runner:request_success", "Finished requests by finish reason.",
                                 ["finished_reason"], registry=r)
@@ -64,7 +64,7 @@ class RequestTimer:
         self.last = now
 
     def done(self, outcome: str, prompt_tokens: int = 0, generated: int = 0, reasons=()) -> None:
-        """`outcome`: success, error or cancelled."""
+        """`outcome`: success, error, cancelled or timeout."""
         self.metrics.requests.labels(outcome).inc(self.rows)
         self.metrics.prompt_tokens.inc(prompt_tokens)
         self.metrics.generation_tokens.inc(generated)

@@ -2,6 +2,14 @@
 
 POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
 Requests go through the same Frontend as Triton's models, so the other ranks never see a difference.
+
+Overload and deadlines: a request is answered 429 (with Retry-After) when --max-concurrent-requests
+are in flight or --max-queue-len rows wait for the engine, and 504 when its deadline (the extra
+body field `timeout`, in seconds, or --request-timeout-s: the shorter) passes first, which stops
+its generation (504 as for gRPC's DEADLINE_EXCEEDED: the server, not the client, ran out of time).
+A stream that times out ends with an error event. A streaming client that stops reading never
+holds up the engine (tokens reach its response through an unbounded per-request queue) and loses
+its connection SEND_GRACE_S after its deadline.
 """
 
 from __future__ import annotations
@@ -23,18 +31,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ft_runner.engine.generator import Batch
 from ft_runner.engine.sampler import Finish
-from ft_runner.serving.frontend import Frontend, ServerStopping
+from ft_runner.serving.frontend import Frontend, QueueFull, RequestTimeout, ServerStopping
 from ft_runner.serving.stops import StopWatch
 
 LOG = logging.getLogger("ft_runner")
+RETRY_AFTER_S = 1  # the Retry-After of a 429: a hint; the queue drains at the engine's pace
+SEND_GRACE_S = 2.0  # past its deadline a stream's client has this long to read the timeout error event
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, kind: str = "invalid_request_error",
-                 code: Union[int, str, None] = None):
+                 code: Union[int, str, None] = None, counted: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
         self.code = status if code is None else code  # vLLM's convention: the HTTP status
+        self.counted = counted  # already in the metrics (the engine counts what it refuses or times out)
+
+
+def _overloaded(message: str, counted: bool = False) -> APIError:
+    return APIError(429, message, kind="server_overloaded", counted=counted)
+
+
+def _timed_out(exc: RequestTimeout) -> APIError:
+    return APIError(504, str(exc), kind="timeout_error", counted=True)
 
 
 COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions")  # requests for the model: counted in metrics
@@ -58,6 +77,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False  # extra (vLLM): for benchmarks
     min_tokens: int = 0  # extra (vLLM): no end token before this many new tokens
     stop_token_ids: Optional[list[int]] = None  # extra (vLLM): generating one of these ends the choice
+    timeout: Optional[float] = Field(None, gt=0, allow_inf_nan=False)  # extra: its deadline in s (<= the server's)
 
 
 class CompletionRequest(_Sampling):
@@ -76,11 +96,11 @@ class ChatRequest(_Sampling):
 
 
 class OpenAIServer:
-    def __init__(self, engine: Frontend, tokenizer, config, model_name: str, max_concurrent: int = 256):
+    def __init__(self, engine: Frontend, tokenizer, config, model_name: str, max_concurrent: Optional[int] = None):
         self.engine, self.tokenizer, self.config = engine, tokenizer, config
         self.model_name = model_name
-        self.max_concurrent = max_concurrent
-        self.in_flight = 0
+        self.max_concurrent = engine.limits.max_concurrent_requests if max_concurrent is None else max_concurrent
+        self.in_flight = 0  # requests whose generation has not ended (changed on the event loop only)
         self.created = int(time.time())
         self.ready = threading.Event()  # set by server.py once Triton serves too: /health answers 200 from then
         self.app = self._build()
@@ -111,8 +131,12 @@ class OpenAIServer:
 
         @app.exception_handler(APIError)
         async def api_error(request: Request, exc: APIError):
-            self._count_refusal(request, exc.status)
-            return _error(exc.status, exc.message, exc.param, exc.kind, exc.code)
+            if not exc.counted:
+                self._count_refusal(request, exc.status)
+            response = _error(exc.status, exc.message, exc.param, exc.kind, exc.code)
+            if exc.status == 429:
+                response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
 
         @app.exception_handler(RequestValidationError)
         async def validation_error(request: Request, exc: RequestValidationError):
@@ -243,22 +267,38 @@ class OpenAIServer:
     async def _respond(self, body: _Sampling, prompts: list[list[int]], chat: bool):
         batch = self._batch(body, prompts)
         if self.in_flight >= self.max_concurrent:
-            raise APIError(429, "the server is overloaded: too many requests in flight, retry later",
-                           kind="server_overloaded")
+            raise _overloaded(f"the server is overloaded: {self.in_flight} requests are in flight "
+                              f"(--max-concurrent-requests {self.max_concurrent}); retry later")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         stream = _Stream(self, batch, stops, chat, body)
-        self.in_flight += 1
         try:
-            stream.start()
+            stream.start()  # in flight until its generation ends (not until a slow client has read it)
         except ServerStopping as exc:
-            self.in_flight -= 1
             raise APIError(503, str(exc), kind="server_stopping") from None
+        except QueueFull as exc:
+            raise _overloaded(str(exc), counted=True) from None
         if body.stream:
-            return StreamingResponse(stream.sse(), media_type="text/event-stream")
+            return _StreamingResponse(stream.sse(), stream.deadline, stream.id)
+        return await stream.complete()
+
+
+class _StreamingResponse(StreamingResponse):
+    """SSE that drops a client still not reading SEND_GRACE_S after the request's deadline: the engine
+    stopped the request at the deadline; this frees the connection and the chunks queued for it."""
+
+    def __init__(self, content, deadline: Optional[float], request_id: str):
+        super().__init__(content, media_type="text/event-stream")
+        self.deadline, self.request_id = deadline, request_id
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.deadline is None:
+            return await super().__call__(scope, receive, send)
+        left = self.deadline + SEND_GRACE_S - time.monotonic()
         try:
-            return await stream.complete()
-        finally:
-            self.in_flight -= 1
+            await asyncio.wait_for(super().__call__(scope, receive, send), max(left, 0.0))
+        except asyncio.TimeoutError:
+            LOG.info("request %s: its client stopped reading its stream; dropping the connection", self.request_id)
+            await self.body_iterator.aclose()
 
 
 class _Stream:
@@ -277,16 +317,24 @@ class _Stream:
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def start(self) -> None:
+        """Submit the job (raises QueueFull or ServerStopping); it counts as in flight until it ends."""
         loop = asyncio.get_running_loop()
-
+        server = self.server
         running = np.ones(self.batch.size, dtype=bool)
 
         def on_token(step, tokens, reasons):  # a row's token counts if the row was running before it
             loop.call_soon_threadsafe(self.queue.put_nowait, ("token", (tokens.copy(), reasons.copy()), running.copy()))
             running[:] = reasons == 0
 
-        self.future = self.server.engine.submit_async(self.batch, on_token)
-        self.future.add_done_callback(lambda f: loop.call_soon_threadsafe(self.queue.put_nowait, ("done", f, None)))
+        def ended(future):  # on the event loop
+            server.in_flight -= 1
+            self.queue.put_nowait(("done", future, None))
+
+        timeout = server.engine.limits.timeout_for(self.body.timeout)
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.future = server.engine.submit_async(self.batch, on_token, timeout_s=self.body.timeout)
+        server.in_flight += 1
+        self.future.add_done_callback(lambda f: loop.call_soon_threadsafe(ended, f))
 
     async def _events(self):
         """Yield (row, delta, finish) as text becomes final, then finish reasons; returns when the engine is done."""
@@ -355,6 +403,8 @@ class _Stream:
         try:
             async for _ in self._events():
                 pass
+        except RequestTimeout as exc:
+            raise _timed_out(exc) from None
         except RuntimeError as exc:
             raise APIError(500, str(exc), kind="server_error") from None
         choices = [self._choice(row, self.texts[row], self.finish[row], delta=False) for row in range(self.batch.size)]
@@ -371,19 +421,24 @@ class _Stream:
                     yield f"data: {json.dumps(chunk)}\n\n"
             if (self.body.stream_options or {}).get("include_usage"):
                 yield f"data: {json.dumps(dict(head, choices=[], usage=self._usage()))}\n\n"
+        except RequestTimeout as exc:
+            yield f"data: {json.dumps(_error_body(_timed_out(exc)))}\n\n"
         except RuntimeError as exc:
             yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
         finally:  # also when the client has gone: Starlette then closes this generator
             if self.future.cancel() and None in self.finish:
                 LOG.info("request %s cancelled by its client", self.id)
-            self.server.in_flight -= 1
         yield "data: [DONE]\n\n"
 
 
 def _error(status: int, message: str, param: Optional[str], kind: str = "invalid_request_error",
            code: Union[int, str, None] = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
-                                                               "code": status if code is None else code}})
+    return JSONResponse(status_code=status, content=_error_body(APIError(status, message, param, kind, code)))
+
+
+def _error_body(exc: APIError) -> dict:
+    """OpenAI's error object, as a response body or a stream's error event."""
+    return {"error": {"message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.code}}
 
 
 def _validation_message(error: dict) -> tuple[str, Optional[str]]:

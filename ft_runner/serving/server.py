@@ -58,7 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics) "
                         "on this port too; 0 = off")
     p.add_argument("--max-concurrent-requests", type=int, default=256,
-                   help="OpenAI API: requests in flight beyond this are answered 429")
+                   help="OpenAI API: requests in flight (running or waiting) beyond this are answered 429")
+    p.add_argument("--max-queue-len", type=int, default=0,
+                   help="both APIs: a request is refused (OpenAI 429, Triton UNAVAILABLE) while this many requests "
+                        "wait for the engine; Triton's own queue of the text and token models holds no more either; "
+                        "0 = no limit")
+    p.add_argument("--request-timeout-s", type=float, default=0.0,
+                   help="both APIs: a request still running this long after it arrived is stopped, its KV pages "
+                        "freed, and answered with a timeout error (OpenAI 504, Triton UNAVAILABLE); a request may ask "
+                        "for less (Triton's `timeout` parameter, OpenAI's extra `timeout`); 0 = no deadline")
     p.add_argument("--health-timeout-s", type=float, default=10.0,
                    help="the `health` model fails when a one-token generation through all ranks takes longer")
     _engine_arguments(p)
@@ -98,6 +106,13 @@ def engine_config(args):
                         kv_cache_blocks=args.kv_cache_blocks, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                         max_model_len=args.max_model_len, enable_chunked_prefill=not args.no_chunked_prefill,
                         cuda_graphs=not args.no_cuda_graphs, enable_prefix_caching=not args.no_prefix_caching)
+
+
+def serving_config(args):
+    from ft_runner.config import ServingConfig
+
+    return ServingConfig(request_timeout_s=args.request_timeout_s, max_queue_len=args.max_queue_len,
+                         max_concurrent_requests=args.max_concurrent_requests)
 
 
 def main(argv=None) -> int:
@@ -144,6 +159,7 @@ def _serve(args, comm) -> int:
     from ft_runner.serving.protocol import Channel
     from ft_runner.serving.quiet import quiet_known_noise
 
+    limits = serving_config(args)  # checked before anything loads
     runtime = parallel.init_runtime(args.tp, args.pp, args.device)
     quiet_known_noise(cpu=runtime.device.type != "cuda")  # every rank: see quiet.py
     dtype = args.data_type if args.data_type != "auto" else ("fp16" if runtime.device.type == "cuda" else "fp32")
@@ -167,7 +183,7 @@ def _serve(args, comm) -> int:
              runtime.grid.tp_rank, args.tp, runtime.grid.pp_rank, args.pp, runtime.device, len(stage.layers),
              core.runner.pages, args.kv_block_size)
     if runtime.rank == 0:
-        _serve_rank0(args, ckpt, model_name, Frontend(core, generator, channel), runtime)
+        _serve_rank0(args, ckpt, model_name, Frontend(core, generator, channel, limits=limits), runtime)
     else:
         _serve_worker(core.runner, generator, channel)
     parallel.shutdown(runtime)
@@ -310,7 +326,7 @@ def _start_openai(args, engine, tokenizer, config, model_name):
         return None
     from ft_runner.serving.openai_api import OpenAIServer
 
-    server = OpenAIServer(engine, tokenizer, config, model_name, args.max_concurrent_requests)
+    server = OpenAIServer(engine, tokenizer, config, model_name)
     server.serve_in_thread(args.bind_address, args.openai_port)
     LOG.info("OpenAI-compatible API on http://%s:%d/v1 (/health 200 once Triton serves too)", args.bind_address,
              args.openai_port)

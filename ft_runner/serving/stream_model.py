@@ -14,23 +14,26 @@ response comes at once (cum_log_probs NaN then) and the generation is stopped. C
 DecoupledModelClient, tritonclient gRPC `start_stream`, or Triton's HTTP
 `POST /v2/models/<name>/generate_stream` (server-sent events, one per response).
 A client that leaves (gRPC cancel, closed HTTP stream) gets its generation stopped within a few
-steps (triton_stub.py tells the engine).
+steps (triton_stub.py tells the engine). A request refused for a full queue, or past its deadline
+(its `timeout` parameter or --request-timeout-s), ends its stream with an UNAVAILABLE error.
+The callable is an async generator: PyTriton runs every stream of this model on one event loop,
+and a synchronous wait for one stream's next token (a queued one waits long) would hold back the
+responses of all the others.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import queue
+import asyncio
 
 import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.sampler import Finish
-from ft_runner.serving.frontend import Frontend
+from ft_runner.serving.frontend import Frontend, QueueFull, RequestTimeout
 from ft_runner.serving.stops import StopWatch
-from ft_runner.serving.text_model import INPUTS, text_rows
+from ft_runner.serving.text_model import ERROR, ERROR_CODE, INPUTS, error_response, text_rows
 from ft_runner.serving.triton_stub import KEY_PARAMETER
-from ft_runner.serving.validation import Limits, RequestError, make_batch
+from ft_runner.serving.validation import Limits, RequestError, make_batch, request_timeout_s
 
 OUTPUTS = [
     Tensor(name="token_id", shape=(1,), dtype=np.int32),
@@ -38,6 +41,8 @@ OUTPUTS = [
     Tensor(name="finish_reason", shape=(1,), dtype=bytes),
     Tensor(name="sequence_length", shape=(1,), dtype=np.int64),
     Tensor(name="cum_log_probs", shape=(1,), dtype=np.float32),
+    ERROR,
+    ERROR_CODE,
 ]
 
 __all__ = ["INPUTS", "OUTPUTS", "StreamModel"]
@@ -64,6 +69,24 @@ class _Detokenizer:
         return delta
 
 
+class _Events:
+    """One stream's events from the engine thread (a step's (step, tokens, reasons), then None once
+    its job has ended), awaited on PyTriton's event loop without blocking it."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, event) -> None:  # any thread: the engine's delivery never waits for the stream
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop has closed (Triton is stopping): nobody listens any more
+            pass
+
+    async def get(self):
+        return await self.queue.get()
+
+
 class StreamModel:
     def __init__(self, engine: Frontend, tokenizer, config, max_batch_size: int = 128):
         self.engine = engine
@@ -72,12 +95,13 @@ class StreamModel:
         # no dynamic batcher: every call holds one request, so every response belongs to it alone
         self.model_config = ModelConfig(max_batch_size=max_batch_size, batcher=None, decoupled=True)
 
-    def infer(self, requests):
+    async def infer(self, requests):
         """PyTriton decoupled callable: yields one list of responses (one per request) per step."""
         if len(requests) != 1:
             self.engine.metrics.requests.labels("rejected").inc(len(requests))
             raise RequestError(f"the streaming model takes one request per call, got {len(requests)}")
-        yield from ([response] for response in self._stream(requests[0]))
+        async for response in self._stream(requests[0]):
+            yield [response]
 
     def _check(self, request):
         try:
@@ -90,24 +114,33 @@ class StreamModel:
             raise
         return rows
 
-    def _stream(self, request):
+    async def _stream(self, request):
         rows = self._check(request)
         key = (request.parameters or {}).get(KEY_PARAMETER)  # the stub reports the client leaving under it
-        if any(rows.stop_texts):
-            yield from self._stream_cut(rows, key)
+        events = _Events()
+        try:
+            future = self.engine.submit_async(make_batch([rows]), on_token=lambda *event: events.put(event), key=key,
+                                              timeout_s=request_timeout_s(request))
+        except QueueFull as exc:
+            yield error_response(exc)
             return
-        events: queue.Queue = queue.Queue()
-        future = self.engine.submit_async(make_batch([rows]), on_token=lambda *event: events.put(event), key=key)
         future.add_done_callback(lambda _: events.put(None))
+        responses = (self._stream_cut if any(rows.stop_texts) else self._stream_plain)(rows, key, future, events)
+        try:
+            async for response in responses:
+                yield response
+        except RequestTimeout as exc:  # its rows were stopped at its deadline
+            yield error_response(exc)
+
+    async def _stream_plain(self, rows, key, future, events: _Events):
         texts = _Detokenizer(self.tokenizer, rows.prompts)
         before = np.zeros(len(rows), dtype=np.int64)  # Finish codes before this step
-        while (event := events.get()) is not None:
+        while (event := await events.get()) is not None:
             _, tokens, reasons = event
             response = self._response(texts, tokens, before, reasons)
             if (reasons != Finish.RUNNING).all():
-                try:
-                    out = future.result()
-                except concurrent.futures.CancelledError:  # its client left: the stub has answered it
+                out = await _settled(future)  # the engine settles it just after its last step
+                if out is None:  # its client left: the stub has answered it
                     return
                 response["sequence_length"] = out.sequence_lengths[:, None].astype(np.int64)
                 response["cum_log_probs"] = out.cum_log_probs[:, None].astype(np.float32)
@@ -115,17 +148,14 @@ class StreamModel:
             before = reasons
         if future.cancelled():  # its client left: the stub has answered it (triton_stub.py)
             return
-        future.result()  # a failed generation ends the stream with its error
+        future.result()  # a failed or timed-out generation ends the stream with its error
 
-    def _stream_cut(self, rows, key):
+    async def _stream_cut(self, rows, key, future, events: _Events):
         """_stream for rows with stop strings: each step's text once no stop string can claim it."""
-        events: queue.Queue = queue.Queue()
-        future = self.engine.submit_async(make_batch([rows]), on_token=lambda *event: events.put(event), key=key)
-        future.add_done_callback(lambda _: events.put(None))
         watch = StopWatch(self.tokenizer, rows.stop_texts)
         sent = [0] * len(rows)
         running = np.ones(len(rows), dtype=bool)
-        while (event := events.get()) is not None:
+        while (event := await events.get()) is not None:
             _, tokens, reasons = event
             counts = [r and not watch.done(b) for b, r in enumerate(running)]  # -1 once a row has finished
             watch.step(tokens, reasons, running)
@@ -165,6 +195,12 @@ class StreamModel:
             deltas.append(texts.add(row, token, now != Finish.RUNNING).encode("utf-8") if running else b"")
             labels.append(Finish(int(now)).label.encode("utf-8"))
         return _outputs(token_ids, deltas, labels)
+
+
+async def _settled(future):
+    """A job's Output once it is settled, without blocking the event loop; None if it was cancelled."""
+    await asyncio.wait([asyncio.wrap_future(future)])
+    return None if future.cancelled() else future.result()
 
 
 def _outputs(token_ids, deltas, labels) -> dict:

@@ -21,12 +21,13 @@ from __future__ import annotations
 import concurrent.futures
 
 import numpy as np
-from pytriton.model_config import ModelConfig, Tensor
+from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor, TimeoutAction
 
+from ft_runner.config import ServingConfig
 from ft_runner.engine.beam import with_beam_axis
-from ft_runner.serving.frontend import Frontend
+from ft_runner.serving.frontend import Frontend, QueueFull, RequestTimeout
 from ft_runner.serving.stops import StopWatch
-from ft_runner.serving.triton_stub import ERROR_OUTPUT
+from ft_runner.serving.triton_stub import ERROR_CODE_OUTPUT, ERROR_OUTPUT
 from ft_runner.serving.validation import (
     Limits,
     RequestError,
@@ -37,6 +38,7 @@ from ft_runner.serving.validation import (
     param_inputs,
     per_row,
     request_slices,
+    request_timeout_s,
     row_params,
     text_strings,
     text_word_lists,
@@ -50,43 +52,83 @@ INPUTS = [
     *[Tensor(name=name, shape=(-1,), dtype=bytes, optional=True) for name in WORD_INPUTS],
 ]
 ERROR = Tensor(name=ERROR_OUTPUT, shape=(1,), dtype=bytes)  # a bad request's message (triton_stub.py)
+ERROR_CODE = Tensor(name=ERROR_CODE_OUTPUT, shape=(1,), dtype=bytes)  # its Triton error code, when not INVALID_ARG
 OUTPUTS = [
     Tensor(name="sentences", shape=(-1, 1), dtype=bytes),
     Tensor(name="sequence_length", shape=(-1,), dtype=np.int64),
     Tensor(name="cum_log_probs", shape=(-1,), dtype=np.float32),
     Tensor(name="output_log_probs", shape=(-1, -1), dtype=np.float32),
     ERROR,
+    ERROR_CODE,
 ]
 
-__all__ = ["ERROR", "INPUTS", "OUTPUTS", "RequestError", "TextModel", "answer_each", "text_rows"]
+__all__ = ["ERROR", "ERROR_CODE", "INPUTS", "OUTPUTS", "RequestError", "TextModel", "answer_each", "error_response",
+           "text_rows", "triton_batcher"]
+
+
+def triton_batcher(limits: ServingConfig) -> DynamicBatcher:
+    """Triton's own queue, where a request waits while the model's one instance runs a call, refuses
+    as the engine does: past --max-queue-len requests, and once a request's timeout (its `timeout`,
+    or --request-timeout-s) passes in it; both UNAVAILABLE, with Triton's own messages."""
+    policy = QueuePolicy(timeout_action=TimeoutAction.REJECT, allow_timeout_override=True,
+                         default_timeout_microseconds=int(limits.request_timeout_s * 1e6),
+                         max_queue_size=limits.max_queue_len)
+    return DynamicBatcher(default_queue_policy=policy)
 
 
 def answer_each(requests, check, engine: Frontend, respond, tokenizer=None) -> list[dict]:
     """One response per request: `check(request)` gives its Rows or raises RequestError, which
-    becomes that request's own error (counted as rejected); the good ones run as one batch on
-    `engine`, and `respond(rows, output, rows_slice, watch)` makes each one's response from its slice
-    of the output. A request with stop strings runs as its own job, watched on its text (stops.py):
+    becomes that request's own error (counted as rejected). Each good request is its own job on
+    `engine` (which batches rows step by step anyway), so each is refused for a full queue, times out
+    or is answered alone; beam requests share one job (the static engine runs one at a time), under
+    the shortest of their timeouts. `respond(rows, output, rows_slice, watch)` makes a response from
+    its slice of its job's output. A request with stop strings is watched on its text (stops.py):
     `watch` is its StopWatch (else None) and `output` None when it was stopped early."""
     checked = []
     for request in requests:
         try:
             checked.append(check(request))
+            checked[-1].timeout_s = request_timeout_s(request)
         except RequestError as exc:
             checked.append(exc)
     rejected = sum(isinstance(rows, RequestError) for rows in checked)
     if rejected:
         engine.metrics.requests.labels("rejected").inc(rejected)
     good = [rows for rows in checked if isinstance(rows, Rows)]
-    plain = [rows for rows in good if not any(rows.stop_texts)]
-    watched = {id(rows): _submit_watched(engine, rows, tokenizer) for rows in good if any(rows.stop_texts)}
+    beams = [rows for rows in good if rows.beam_width > 1]
+    jobs = [[rows] for rows in good if rows.beam_width == 1] + ([beams] if beams else [])
+    submitted = [(group, _submit(engine, group, tokenizer)) for group in jobs]  # all in flight, then wait
     answers = {}
-    if plain:
-        out = with_beam_axis(engine.submit(make_batch(plain)))
-        answers = {id(rows): respond(rows, out, s, None) for rows, s in zip(plain, request_slices(plain))}
-    for key, (future, watch) in watched.items():
-        out = None if _given_up(future) else with_beam_axis(future.result())
-        answers[key] = respond(next(r for r in good if id(r) == key), out, slice(0, len(watch.tokens)), watch)
-    return [answers[id(rows)] if isinstance(rows, Rows) else _error(rows) for rows in checked]
+    for group, job in submitted:
+        answers.update(_answers(group, job, respond))
+    return [answers[id(rows)] if isinstance(rows, Rows) else error_response(rows) for rows in checked]
+
+
+def _submit(engine: Frontend, group: list[Rows], tokenizer):
+    """A job for `group`: (its future, its StopWatch or None), or the QueueFull that refused it."""
+    timeouts = [rows.timeout_s for rows in group if rows.timeout_s]
+    try:
+        if any(group[0].stop_texts):
+            return _submit_watched(engine, group[0], tokenizer)
+        return engine.submit_async(make_batch(group), timeout_s=min(timeouts, default=None)), None
+    except QueueFull as exc:
+        return exc
+
+
+def _answers(group: list[Rows], job, respond) -> dict:
+    """id(rows) -> response, for each request of a job once it ends."""
+    if isinstance(job, QueueFull):
+        return {id(rows): error_response(job) for rows in group}
+    future, watch = job
+    try:
+        out = with_beam_axis(future.result())
+    except concurrent.futures.CancelledError:  # stopped on its stop strings
+        out = None
+    except RequestTimeout as exc:
+        return {id(rows): error_response(exc) for rows in group}
+    if watch is not None:
+        return {id(group[0]): respond(group[0], out, slice(0, len(watch.tokens)), watch)}
+    return {id(rows): respond(rows, out, s, None) for rows, s in zip(group, request_slices(group))}
 
 
 def _submit_watched(engine: Frontend, rows: Rows, tokenizer):
@@ -101,20 +143,17 @@ def _submit_watched(engine: Frontend, rows: Rows, tokenizer):
         if watch.should_give_up() and not rows.return_log_probs:
             box["future"].cancel()
 
-    box["future"] = engine.submit_async(make_batch([rows]), on_token)
+    box["future"] = engine.submit_async(make_batch([rows]), on_token, timeout_s=rows.timeout_s)
     return box["future"], watch
 
 
-def _given_up(future) -> bool:
-    try:
-        future.result()
-    except concurrent.futures.CancelledError:
-        return True
-    return False
-
-
-def _error(exc: RequestError) -> dict:
-    return {ERROR_OUTPUT: np.array([[str(exc).encode("utf-8")]], dtype=object)}
+def error_response(exc: Exception) -> dict:
+    """A request's own error (triton_stub.py): INVALID_ARG for a bad request; UNAVAILABLE, as Triton's
+    own queue answers, for a full queue or a passed deadline."""
+    response = {ERROR_OUTPUT: np.array([[str(exc).encode("utf-8")]], dtype=object)}
+    if isinstance(exc, (QueueFull, RequestTimeout)):
+        response[ERROR_CODE_OUTPUT] = np.array([[b"UNAVAILABLE"]], dtype=object)
+    return response
 
 
 def text_rows(request, tokenizer, limits: Limits) -> Rows:
@@ -161,7 +200,7 @@ class TextModel:
         self.engine = engine
         self.tokenizer = tokenizer
         self.limits = Limits.of(config)
-        self.model_config = ModelConfig(max_batch_size=max_batch_size)
+        self.model_config = ModelConfig(max_batch_size=max_batch_size, batcher=triton_batcher(engine.limits))
 
     def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""

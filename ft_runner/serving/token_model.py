@@ -20,7 +20,7 @@ import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.serving.frontend import Frontend
-from ft_runner.serving.text_model import ERROR, answer_each, pad_last
+from ft_runner.serving.text_model import ERROR, ERROR_CODE, answer_each, pad_last, triton_batcher
 from ft_runner.serving.validation import (
     Limits,
     RequestError,
@@ -49,6 +49,7 @@ OUTPUTS = [
     Tensor(name="cum_log_probs", shape=(-1,), dtype=np.float32),
     Tensor(name="output_log_probs", shape=(-1, -1), dtype=np.float32),
     ERROR,
+    ERROR_CODE,
 ]
 
 
@@ -78,7 +79,7 @@ class TokenModel:
     def __init__(self, engine: Frontend, config, max_batch_size: int = 128):
         self.engine = engine
         self.limits = Limits.of(config)
-        self.model_config = ModelConfig(max_batch_size=max_batch_size)
+        self.model_config = ModelConfig(max_batch_size=max_batch_size, batcher=triton_batcher(engine.limits))
 
     def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""

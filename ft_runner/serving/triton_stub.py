@@ -2,12 +2,15 @@
 it (triton_patch.py ships both files with every model rank 0 binds). It adds what PyTriton lacks:
 
 1. One request's own error. A response holding the output ERROR_OUTPUT becomes that request's
-   Triton error (INVALID_ARG: HTTP 400), so a bad request that Triton's dynamic batcher put into one call with good ones
-   fails alone (PyTriton answers a whole call with one error).
+   Triton error (INVALID_ARG: HTTP 400, or the code named by ERROR_CODE_OUTPUT: UNAVAILABLE, HTTP 503,
+   for a full queue or a passed deadline, as Triton's own queue says), so a bad request that Triton's
+   dynamic batcher put into one call with good ones fails alone (PyTriton answers a whole call with one error).
 2. Cancellation. Every request of a decoupled (streaming) model carries a key in its parameters
    (KEY_PARAMETER). When Triton says its client has gone (gRPC cancel, closed HTTP stream), the
    key goes to rank 0 as one datagram on the socket named by $FT_RUNNER_CANCEL_SOCKET, the client
    gets a final CANCELLED response, and what rank 0 still sends for it is dropped.
+3. Deadlines. Triton keeps a request's `timeout` parameter (microseconds) out of the parameters
+   PyTriton hands on; it is copied into them as TIMEOUT_PARAMETER.
 
 Only the standard library and Triton's pb_utils may be used here: this is the stub's process.
 """
@@ -18,7 +21,9 @@ import os
 import socket
 
 ERROR_OUTPUT = "error"
+ERROR_CODE_OUTPUT = "error_code"  # optional: the name of a pb_utils.TritonError code
 KEY_PARAMETER = "ft_runner_key"
+TIMEOUT_PARAMETER = "ft_runner_timeout_us"
 SOCKET_ENV = "FT_RUNNER_CANCEL_SOCKET"
 
 
@@ -34,14 +39,21 @@ def install(proxy: dict) -> None:
     def _wrap_response(response, requested_output_names, model_outputs_dict):
         if response.data is not None and ERROR_OUTPUT in response.data:
             message = response.data[ERROR_OUTPUT].reshape(-1)[0].decode("utf-8", "replace")
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
+            code = pb_utils.TritonError.INVALID_ARG
+            if ERROR_CODE_OUTPUT in response.data:
+                code = getattr(pb_utils.TritonError, response.data[ERROR_CODE_OUTPUT].reshape(-1)[0].decode(), code)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
         return wrap_response(response, requested_output_names, model_outputs_dict)
 
     def _wrap_request(self, triton_request, inputs, span=None):
         request = wrap_request(self, triton_request, inputs, span)
+        extra = {}
+        if triton_request.timeout():
+            extra[TIMEOUT_PARAMETER] = int(triton_request.timeout())
         if self._model_config.get("model_transaction_policy", {}).get("decoupled", False):
-            key = keys.setdefault(id(triton_request), f"{os.getpid()}-{next(counter)}")
-            request.parameters = dict(request.parameters or {}, **{KEY_PARAMETER: key})
+            extra[KEY_PARAMETER] = keys.setdefault(id(triton_request), f"{os.getpid()}-{next(counter)}")
+        if extra:
+            request.parameters = dict(request.parameters or {}, **extra)
         return request
 
     async def handle_responses(self, scope, responses_queue, responses_future):

@@ -18,6 +18,7 @@ from pytriton.model_config import Tensor
 
 from ft_runner.engine.generator import Batch
 from ft_runner.engine.sampler import parse_word_list
+from ft_runner.serving.triton_stub import TIMEOUT_PARAMETER
 
 MAX_BEAM_WIDTH = 32  # FT's largest beam width
 # A text prompt over context x this many bytes cannot fit (no token is that long): refused before the
@@ -101,6 +102,7 @@ class Rows:
     stop_words: list  # per row, a list of words (token lists): FT's, matched by the engine
     bad_words: list
     stop_texts: list = dataclasses.field(default_factory=list)  # per row, stop strings matched on text (stops.py)
+    timeout_s: Optional[float] = None  # the request's own deadline (request_timeout_s)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -112,6 +114,13 @@ class Rows:
     @property
     def return_log_probs(self) -> bool:
         return bool(self.params["is_return_log_probs"].any())
+
+
+def request_timeout_s(request) -> Optional[float]:
+    """The request's own deadline in seconds: Triton's `timeout` parameter (microseconds, as Triton
+    defines it; triton_stub.py hands it on), or None."""
+    timeout_us = (request.parameters or {}).get(TIMEOUT_PARAMETER)
+    return timeout_us / 1e6 if timeout_us else None
 
 
 def per_row(request, name: str, rows: int) -> Optional[np.ndarray]:
