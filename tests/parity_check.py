@@ -78,17 +78,17 @@ def fake_quantize_gpt2(hf, kind: str, tp: int) -> None:
                 module.register_forward_pre_hook(rows_fp8(tp if name.endswith("c_proj") else 1))
 
 
-def check(model_dir: Path, args, runtime) -> bool:
+def check(model_dir: Path, args, runtime, quantization: str = "none") -> bool:
     name = model_dir.name
     out_dir = Path(args.out) / name
     ckpt = parallel.from_root(runtime.comm, lambda: str(convert(model_dir, out_dir, args.tp, log=lambda *_: None)))
-    quant = QuantConfig(args.quantization, emulate_fp8=True)  # fp8 through the torch references on CPUs
+    quant = QuantConfig(quantization, emulate_fp8=True)  # fp8 through the torch references on CPUs
     stage = load_stage(Path(ckpt), runtime.grid, runtime.tp_group, "fp32", runtime.device, quant)
     generator = Generator(stage, runtime)
     if args.refs:
         ref = dict(np.load(Path(args.refs) / f"{name}.npz"))
     else:
-        ref = hf_reference(model_dir, args.new_tokens, args.quantization, args.tp) if runtime.rank == 0 else None
+        ref = hf_reference(model_dir, args.new_tokens, quantization, args.tp) if runtime.rank == 0 else None
         ref = runtime.comm.bcast(ref, root=0)
     prompts = [ref[f"prompt_{row}"].tolist() for row in range(len(PROMPTS))]
     end_id = stage.config.end_id
@@ -98,7 +98,8 @@ def check(model_dir: Path, args, runtime) -> bool:
     solo_rows = range(len(prompts) if args.solo is None else args.solo)
     alone = {row: generator.generate(Batch.make([prompts[row]], args.new_tokens, end_id=end_id)) for row in solo_rows}
     inflight, _, scheduler = run_inflight(stage, generator, runtime, prompts, args.new_tokens)
-    cache_same, hits = prefix_cache_check(stage, generator, runtime, prompts, args.new_tokens)
+    cache_same, hits = (True, 0) if args.no_prefix_cache_check else prefix_cache_check(stage, generator, runtime,
+                                                                                          prompts, args.new_tokens)
     del generator, stage
     gc.collect()
     if runtime.rank != 0:
@@ -115,7 +116,7 @@ def check(model_dir: Path, args, runtime) -> bool:
         if inflight[row] != want:
             print(f"{name} row {row}: in-flight {inflight[row]}\n        hf        {want}", flush=True)
     same = all(inflight[row] == ref[f"greedy_{row}"].tolist() for row in range(len(prompts)))
-    print(f"PARITY model={name} quantization={args.quantization} tp={args.tp} pp={args.pp} max_abs_diff={worst:.2e} "
+    print(f"PARITY model={name} quantization={quantization} tp={args.tp} pp={args.pp} max_abs_diff={worst:.2e} "
           f"greedy_equal={equal} "
           f"inflight_equal={same} preemptions={scheduler.preemptions} prefix_cache_equal={cache_same} "
           f"prefix_hits={hits}", flush=True)
@@ -180,11 +181,12 @@ def main():
     p.add_argument("--refs", default=None, help="directory of <model name>.npz references")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--solo", type=int, default=None, help="run only the first N prompts alone too (default: all)")
-    p.add_argument("--quantization", default="none", choices=("none", "int8_wo", "fp8"))
+    p.add_argument("--quantization", default="none", help="comma-separated: none, int8_wo, fp8 (each model in each)")
+    p.add_argument("--no-prefix-cache-check", action="store_true", help="skip the prefix cache's runs")
     p.add_argument("--tolerance", type=float, default=1e-4, help="the largest logit difference that passes")
     args = p.parse_args()
     runtime = parallel.init_runtime(args.tp, args.pp, "cpu")
-    results = [check(model_dir, args, runtime) for model_dir in args.model]
+    results = [check(model_dir, args, runtime, q) for model_dir in args.model for q in args.quantization.split(",")]
     parallel.shutdown(runtime)
     return 0 if all(results) else 1
 
