@@ -3,6 +3,7 @@
     python benchmarks/bench_generate.py --models gpt2-medium,gptj-6b --batch 1,32,64
     mpirun -n 2 python benchmarks/bench_generate.py --tp 2 --models gptj-6b --batch 1 --engines ft_runner
     python benchmarks/bench_generate.py --models tiny --device cpu --batch 1,2 --new-tokens 8   # smoke test
+    python benchmarks/bench_generate.py --models gptj-6b --batch 1 --engines ft_runner --quantization none,int8_wo
 
 Per model shape (random weights, `--dtype`): rank 0 builds the HF model on its device and times
 HF `generate` eagerly (hf-eager) and with `cache_implementation="static"`, which compiles the
@@ -15,7 +16,8 @@ medians are reported: ms/step = (t(new) - t(1)) / (new - 1), tok/s = batch * new
 GB/s counts the bytes one decode step must read (the weights, without the embedding lookups, plus
 the average KV cache) over ms/step; MBU is that over a device-to-device copy measured in the same
 run (bytes read + written). One JSON line per row is appended to
-benchmarks/results/<UTC date>_<gpu>.jsonl.
+benchmarks/results/<UTC date>_<gpu>.jsonl. `--quantization none,int8_wo` loads the one conversion
+once per quantization (rows record `quantization`; GB/s counts the quantized weights' bytes).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ft_runner import parallel  # noqa: E402
+from ft_runner.config import QuantConfig  # noqa: E402
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ENGINES = ("ft_runner", "hf-eager", "hf-compiled")
@@ -83,6 +86,7 @@ class Row:
     gbps: float
     mbu: float
     copy_gbps: float
+    quantization: str = "none"  # ft_runner's --quantization (weights); HF runs unquantized
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -266,9 +270,9 @@ def bench_model(name: str, args, runtime, copy_gbps: float) -> list[Row]:
         geometry["hf"] = hf_geometry(model)
         for engine in (e for e in args.engines if e.startswith("hf")):
             for batch in args.batch:
-                timings[(engine, batch)] = time_hf(model, engine, batch, args, device)
-                log(f"{name} {engine} batch {batch}: ttft {timings[(engine, batch)][0] * 1e3:.1f} ms, "
-                    f"total {timings[(engine, batch)][1] * 1e3:.1f} ms")
+                timings[(engine, "none", batch)] = time_hf(model, engine, batch, args, device)
+                log(f"{name} {engine} batch {batch}: ttft {timings[(engine, 'none', batch)][0] * 1e3:.1f} ms, "
+                    f"total {timings[(engine, 'none', batch)][1] * 1e3:.1f} ms")
         del model
         gc.collect()
         if device.type == "cuda":
@@ -279,28 +283,30 @@ def bench_model(name: str, args, runtime, copy_gbps: float) -> list[Row]:
         ckpt_tp = args.ckpt_tp or grid.tp  # another TP's checkpoint is joined / re-split by the loader
         ckpt = parallel.from_root(runtime.comm, lambda: str(convert(hf_dir, work / "ft", ckpt_tp, args.dtype,
                                                                     log=lambda *_: None)))
-        stage = load_stage(Path(ckpt), grid, runtime.tp_group, args.dtype, device)
-        generator = Generator(stage, runtime)
-        geometry["ft_runner"] = ft_geometry(stage)
-        for batch in args.batch:
-            timings[("ft_runner", batch)] = time_ft(generator, batch, args, device)
-            log(f"{name} ft_runner batch {batch}: ttft {timings[('ft_runner', batch)][0] * 1e3:.1f} ms, "
-                f"total {timings[('ft_runner', batch)][1] * 1e3:.1f} ms")
-            if args.profile and device.type == "cuda":
-                profile_decode(generator, batch, args, device)
-        del generator, stage
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for quantization in args.quantization:  # one conversion, loaded (and quantized) once each
+            stage = load_stage(Path(ckpt), grid, runtime.tp_group, args.dtype, device, QuantConfig(quantization))
+            generator = Generator(stage, runtime)
+            geometry[("ft_runner", quantization)] = ft_geometry(stage)
+            for batch in args.batch:
+                key = ("ft_runner", quantization, batch)
+                timings[key] = time_ft(generator, batch, args, device)
+                log(f"{name} ft_runner {quantization} batch {batch}: ttft {timings[key][0] * 1e3:.1f} ms, "
+                    f"total {timings[key][1] * 1e3:.1f} ms")
+                if args.profile and device.type == "cuda":
+                    profile_decode(generator, batch, args, device)
+            del generator, stage
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     elem = torch.tensor([], dtype=TORCH_DTYPES[args.dtype]).element_size()
     rows = []
-    for (engine, batch), (ttft, total) in sorted(timings.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (engine, quantization, batch), (ttft, total) in sorted(timings.items(), key=lambda kv: (kv[0][2], kv[0][:2])):
         step_s = (total - ttft) / max(args.new_tokens - 1, 1)
-        weights, layers, kv, head_dim = geometry["ft_runner" if engine == "ft_runner" else "hf"]
+        weights, layers, kv, head_dim = geometry[(engine, quantization) if engine == "ft_runner" else "hf"]
         gbps = step_bytes(weights, layers, kv, head_dim, elem, batch, args) / step_s / 1e9
         tp = grid.tp if engine == "ft_runner" else 1
         rows.append(Row(engine, name, args.dtype, tp, 1, batch, args.prompt_len, args.new_tokens, step_s * 1e3,
-                        batch * args.new_tokens / total, ttft * 1e3, gbps, gbps / copy_gbps, copy_gbps))
+                        batch * args.new_tokens / total, ttft * 1e3, gbps, gbps / copy_gbps, copy_gbps, quantization))
     return rows
 
 
@@ -326,24 +332,25 @@ def gpu_name(device: torch.device) -> str:
 
 
 def speedups(rows: list[Row]) -> dict:
-    """(model, batch, engine) -> {hf engine: tok/s ratio}."""
+    """(model, batch, engine, quantization) -> {hf engine: tok/s ratio}."""
     base = {(r.model, r.batch, r.engine): r.tok_s for r in rows if r.engine.startswith("hf")}
     out = {}
     for r in rows:
-        out[(r.model, r.batch, r.engine)] = {hf: r.tok_s / base[(r.model, r.batch, hf)]
-                                             for hf in ("hf-eager", "hf-compiled") if (r.model, r.batch, hf) in base}
+        out[(r.model, r.batch, r.engine, r.quantization)] = {
+            hf: r.tok_s / base[(r.model, r.batch, hf)] for hf in ("hf-eager", "hf-compiled")
+            if (r.model, r.batch, hf) in base}
     return out
 
 
 def report(rows: list[Row], args, device) -> Path:
     ups = speedups(rows)
-    header = (f"{'model':<12} {'dtype':<5} {'TP':>2} {'batch':>5} {'prompt/new':>10} {'engine':<12} "
+    header = (f"{'model':<12} {'dtype':<5} {'quant':<7} {'TP':>2} {'batch':>5} {'prompt/new':>10} {'engine':<12} "
               f"{'ms/step':>8} {'tok/s':>9} {'TTFT ms':>8} {'GB/s':>7} {'MBU':>5} {'x eager':>8} {'x compiled':>10}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        up = ups[(r.model, r.batch, r.engine)]
+        up = ups[(r.model, r.batch, r.engine, r.quantization)]
         fmt = {k: f"{up[k]:.2f}" if k in up else "-" for k in ("hf-eager", "hf-compiled")}
-        lines.append(f"{r.model:<12} {r.dtype:<5} {r.tp:>2} {r.batch:>5} {f'{r.prompt_len}/{r.new_tokens}':>10} "
+        lines.append(f"{r.model:<12} {r.dtype:<5} {r.quantization:<7} {r.tp:>2} {r.batch:>5} {f'{r.prompt_len}/{r.new_tokens}':>10} "
                      f"{r.engine:<12} {r.ms_per_step:8.3f} {r.tok_s:9.1f} {r.ttft_ms:8.2f} {r.gbps:7.0f} "
                      f"{r.mbu:5.0%} {fmt['hf-eager']:>8} {fmt['hf-compiled']:>10}")
     print("\n".join(lines), flush=True)
@@ -359,7 +366,7 @@ def report(rows: list[Row], args, device) -> Path:
             record = dataclasses.asdict(r)
             record.update(gpu=gpu, torch=torch.__version__, transformers=transformers.__version__, commit=commit(),
                           time=now.isoformat(timespec="seconds"),
-                          speedup={k: round(v, 3) for k, v in ups[(r.model, r.batch, r.engine)].items()})
+                          speedup={k: round(v, 3) for k, v in ups[(r.model, r.batch, r.engine, r.quantization)].items()})
             fh.write(json.dumps(record) + "\n")
     print(f"[bench] appended {len(rows)} rows to {path}", flush=True)
     return path
@@ -378,6 +385,10 @@ def parse_args(argv=None):
                                                             "joins or re-splits it")
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {ENGINES}")
     p.add_argument("--runs", type=int, default=3, help="timed runs per mode (median)")
+    p.add_argument("--quantization", default="none",
+                   help="comma-separated ft_runner weight quantizations, each loaded from the same conversion: none, "
+                        "int8_wo, fp8 (the static engine's KV cache stays in --dtype: see bench_serving's "
+                        "--kv-cache-dtype)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--workdir", default="/tmp/ft_runner_bench", help="random HF models and FT checkpoints go here")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
@@ -386,6 +397,9 @@ def parse_args(argv=None):
     args.models = [m for m in args.models.split(",") if m]
     args.batch = [int(b) for b in args.batch.split(",") if b]
     args.engines = [e for e in args.engines.split(",") if e]
+    args.quantization = [q for q in args.quantization.split(",") if q]
+    for quantization in args.quantization:
+        QuantConfig(quantization)  # a clear error for an unknown one
     for engine in args.engines:
         if engine not in ENGINES:
             p.error(f"unknown engine {engine!r}; known: {ENGINES}")

@@ -738,23 +738,33 @@ class ModelSource:
         from ft_runner.checkpoint.convert import convert
         from ft_runner.checkpoint.load import load_stage
 
+        quant = quant_config(self.args)
         if not self.is_dir and not self.args.convert:
-            return random_stage(self.hf_config(), runtime, self.dtype)
+            return random_stage(self.hf_config(), runtime, self.dtype, quant)
         if not (self.hf_dir / "config.json").exists():
             del_and_collect(self.hf_model())
         ckpt = convert(self.hf_dir, self.work / "ft", 1, self.dtype, log=lambda *_: None)
-        return load_stage(Path(ckpt), runtime.grid, runtime.tp_group, self.dtype, runtime.device)
+        return load_stage(Path(ckpt), runtime.grid, runtime.tp_group, self.dtype, runtime.device, quant)
 
 
-def random_stage(hf_config, runtime, dtype: str):
+def quant_config(args):
+    """--quantization and --kv-cache-dtype, as the server validates them."""
+    from ft_runner.config import QuantConfig
+
+    return QuantConfig.from_flags(args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+
+
+def random_stage(hf_config, runtime, dtype: str, quant=None):
     """An FT stage of the shape's config with random weights made on the device: the engines' speed
-    does not depend on the values, and an 8B model skips minutes of saving, converting and loading."""
+    does not depend on the values, and an 8B model skips minutes of saving, converting and loading.
+    `quant` (config.QuantConfig) quantizes its projections from those weights, as load_stage would."""
     import dataclasses
 
     import torch
 
     from ft_runner.checkpoint.families import family_of
-    from ft_runner.config import SECTIONS, ModelConfig
+    from ft_runner.config import SECTIONS, ModelConfig, QuantConfig
+    from ft_runner.model import quant as q
     from ft_runner.model.decoder import GPTStage
 
     family = family_of(hf_config)
@@ -768,6 +778,11 @@ def random_stage(hf_config, runtime, dtype: str):
             p.normal_(0, 0.02)
         else:
             p.fill_(1.0 if "ln" in name or "norm" in name else 0.0)
+    quant = quant or QuantConfig()
+    quant.check_device(runtime.device)
+    if quant.quantization != "none":
+        q.quantize_stage(stage, quant.quantization)
+    stage.quant = quant
     return stage
 
 
@@ -829,8 +844,10 @@ def make_row(args, info: RunInfo, engine: str, rate: float, summary: dict, extra
     import torch
     import transformers
 
+    hf = engine.startswith("hf")  # HF runs unquantized; the static engine's cache is in the model dtype
     row = dict(kind="serving", engine=engine, backend=args.backend, model=info.model, dtype=info.dtype,
-               quantization="none", tp=info.tp, pp=info.pp, gpu=info.gpu, commit=bg.commit(),
+               quantization="none" if hf else args.quantization or "none",
+               kv_cache_dtype="auto" if hf or engine == "ft_runner-static" else args.kv_cache_dtype, tp=info.tp, pp=info.pp, gpu=info.gpu, commit=bg.commit(),
                time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                torch=torch.__version__, transformers=transformers.__version__, workload=args.workload_name,
                num_requests=args.num_prompts, input_len=range_label(args.input_len),
@@ -1074,6 +1091,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--model", default=None, help="a bench_generate shape (tiny, gpt2, ..., llama-3-8b) or an HF dir")
     o.add_argument("--engines", default="ft_runner,ft_runner-static,hf-cb", help=f"comma-separated, of {ENGINES}")
     o.add_argument("--dtype", choices=sorted(bg.TORCH_DTYPES), default=None, help="default: fp16 on GPUs, fp32 on CPUs")
+    o.add_argument("--quantization", choices=("none", "int8_wo", "fp8"), default=None,
+                   help="the FT engines' weight quantization (the server's flag; a label for online backends)")
+    o.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="the in-flight engine's paged KV cache (the server's flag; a label for online backends)")
     o.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     o.add_argument("--workdir", default="/tmp/ft_runner_bench", help="random HF models and FT checkpoints")
     o.add_argument("--convert", action="store_true",

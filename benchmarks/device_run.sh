@@ -30,6 +30,10 @@
 #               (ft_runner), serving-c the mixed 512 x 64:512/16:512 at t=0 (ft_runner, ft_runner-static,
 #               hf-cb), serving-d 60 x 512/128 at 1 req/s (ft_runner). All four may pass 10 minutes:
 #               the sub-steps run one each (serving-c: about 5 minutes at most)
+#   quant       issue #19 (quantized serving), one GPU, about 6 minutes on an H100: the int8 / fp8 kernels'
+#               self-check; GPT-J-6B random-weight logits' cosine to fp16 (benchmarks/quant_checks.py, >= 0.99);
+#               GPT-J-6B bs1 decode fp16 vs int8_wo (bench_serving, ft_runner, --max-concurrency 1); Llama-3-8B
+#               1000 x 128/128 offline fp16 vs fp8 weights + fp8 KV cache
 # Two-GPU session, two back-to-back calls (each carries one wheelhouse part):
 #   python3 -m pip install -q --no-index --no-deps .whl/1/*.whl; bash benchmarks/device_run.sh tp2-bench tp2-parity
 #   python3 -m pip install -q --no-index --no-deps .whl/2/*.whl; bash benchmarks/device_run.sh tp2-e2e
@@ -246,6 +250,28 @@ for s in "$@"; do
       step inflight-gpu-checks
       python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp16 --skip-kernels --only gptj,llama,qwen2 \
         > "$OUT/gpu_checks.log" 2>&1; grep -E "GPUCHECK|Error" "$OUT/gpu_checks.log" | cut -c1-220 ;; esac
+    ;;
+  quant)
+    SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --engines ft_runner --results $OUT/results"
+    summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|skipping|truncated|Error|error" "$1" | tail -12; }
+    step quant-kernels
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -m ft_runner.kernels.selfcheck --only int8,fp8 > "$OUT/selfcheck_quant.log" 2>&1
+    grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck_quant.log" | cut -c1-200 | tail -12
+    step quant-accuracy
+    python3 benchmarks/quant_checks.py --model gptj-6b > "$OUT/quant_checks.log" 2>&1
+    grep -E "QUANTCHECK|Error" "$OUT/quant_checks.log" | tail -4
+    step quant-gptj-bs1
+    for q in none int8_wo; do
+      $SERVE --model gptj-6b --quantization $q --num-prompts 4 --max-concurrency 1 --input-len 128 --output-len 256 \
+        --workload-name bs1-128-256 > "$OUT/quant_gptj_$q.log" 2>&1; echo "-- $q"; summary "$OUT/quant_gptj_$q.log"
+    done
+    step quant-llama-128
+    for qk in none:auto fp8:fp8; do
+      $SERVE --model llama-3-8b --quantization "${qk%:*}" --kv-cache-dtype "${qk#*:}" --num-prompts 1000 --input-len 128 \
+        --output-len 128 --workload-name random-1000x128-128 > "$OUT/quant_llama_${qk%:*}.log" 2>&1
+      echo "-- $qk"; summary "$OUT/quant_llama_${qk%:*}.log"
+    done
     ;;
   serving|serving-a|serving-b|serving-c|serving-d)
     step "$s"

@@ -254,14 +254,14 @@ def bench_prefill(sweep: bool, seqs: int = 16, length: int = 512) -> None:
                      median(lambda: ops.prefill_attention(*args, 0.1, rotary, out=out))))
         rows.append((f"  its k/v store ({name})", median(lambda: triton_ops.append_chunks(*args, rotary))))
         rows.append((f"  its attention ({name})",
-                     median(lambda: triton_ops.attend_chunks(*args, rotary, 0.1, 0, None, out))))
+                     median(lambda: triton_ops.attend_chunks(*args, rotary, None, 0.1, 0, None, out))))
     sweep_configs = ("128,64,4,3", "128,128,8,2", "64,64,4,3", "64,128,4,3", "128,32,8,3", "128,64,8,2",
                      "128,64,8,4", "64,64,8,3") if sweep else ()
     for config in sweep_configs:
         os.environ["FT_RUNNER_PREFILL"] = config
         try:
             rows.append((f"  its attention (rotary) config={config}",
-                         median(lambda: triton_ops.attend_chunks(*args, rotary, 0.1, 0, None, out))))
+                         median(lambda: triton_ops.attend_chunks(*args, rotary, None, 0.1, 0, None, out))))
         except Exception as e:  # noqa: BLE001 (a config may not fit in shared memory)
             print(f"config {config}: {type(e).__name__}", flush=True)
         finally:

@@ -7,7 +7,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-WEIGHT_DTYPES = ("fp32", "fp16", "bf16")
+FLOAT_DTYPES = ("fp32", "fp16", "bf16")
+# int8: the decoder layers' kernels are per-output-channel int8 with fp32 scales, the other tensors in
+# `float_data_type` (README, "Quantized serving")
+WEIGHT_DTYPES = (*FLOAT_DTYPES, "int8")
+QUANTIZATIONS = ("none", "int8_wo", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8")
 # FT's activation names; `GeluExact` is the erf form (FT's `Gelu` is the tanh form), `*GLU` are gated.
 ACTIVATIONS = ("Gelu", "GeluExact", "Relu", "Silu", "GeGLU", "SiGLU")
 _ACTIVATION_ALIASES = {**{a.lower(): a for a in ACTIVATIONS}, "gated-gelu": "GeGLU", "gated-silu": "SiGLU"}
@@ -52,6 +57,7 @@ class ModelConfig:
     end_id: int
     extra_end_ids: str = ""  # comma-separated: the model's other end tokens (Llama 3's <|eot_id|>, ...)
     weight_data_type: str = "fp32"
+    float_data_type: str = "fp16"  # an int8 checkpoint's embeddings, norms, biases and LM head
     tensor_para_size: int = 1
     model_name: str = "gpt"
     layernorm_eps: float = 1e-6
@@ -82,6 +88,7 @@ class ModelConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"config.ini: {key} must be positive, got {getattr(self, key)}")
         self._check_choice("weight_data_type", WEIGHT_DTYPES)
+        self._check_choice("float_data_type", FLOAT_DTYPES)
         self._check_choice("layernorm_type", ("pre_layernorm", "post_layernorm"))
         self._check_choice("activation_type", ACTIVATIONS)
         self._check_choice("norm_type", NORM_TYPES)
@@ -99,6 +106,12 @@ class ModelConfig:
     def _check_choice(self, key: str, allowed: tuple) -> None:
         if getattr(self, key) not in allowed:
             raise ConfigError(f"config.ini: {key} {getattr(self, key)!r} is not one of {allowed}")
+
+    def file_dtype(self, kernel: bool) -> str:
+        """The dtype of a tensor's files: an int8 checkpoint stores only the layers' kernels in int8."""
+        if self.weight_data_type != "int8":
+            return self.weight_data_type
+        return "int8" if kernel else self.float_data_type
 
     @property
     def hidden_size(self) -> int:
@@ -253,3 +266,68 @@ class ServingConfig:
         """A request's deadline in seconds: its own `requested_s` or the server's, the shorter; None: none."""
         limits = [t for t in (requested_s, self.request_timeout_s) if t]
         return min(limits) if limits else None
+
+
+# FP8 (e4m3) matrix products and conversions: Ada (8.9) and Hopper (9.0) or newer
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """Reduced-precision serving, decided here once for every entry point (server flags of the same
+    names, ParallelGPT's int8_mode, the benchmarks).
+
+    quantization: `int8_wo`, int8 weights with per-output-channel scales and activations in the
+    model dtype (FT's int8_mode 1); `fp8`, e4m3 weights with per-output-channel scales and e4m3
+    activations with per-token scales computed on the fly. Only the decoder layers' projections are
+    quantized: embeddings, norms, biases and the LM head stay in the model dtype.
+    kv_cache_dtype: `fp8` stores the in-flight engine's paged KV cache in e4m3 (one scale per layer
+    for keys and one for values); `auto`, the model dtype.
+    emulate_fp8: tests only: run fp8 through the torch references on a device without FP8.
+    """
+
+    quantization: str = "none"
+    kv_cache_dtype: str = "auto"
+    emulate_fp8: bool = False
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"--quantization {self.quantization!r} is not one of {QUANTIZATIONS}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of {KV_CACHE_DTYPES}")
+
+    @classmethod
+    def from_flags(cls, quantization: str | None = None, int8_mode: int = 0, kv_cache_dtype: str = "auto",
+                   weight_data_type: str | None = None) -> QuantConfig:
+        """From `--quantization`, FT's `--int8-mode` (1 = int8_wo) and `--kv-cache-dtype`; an int8
+        checkpoint (`--weight-data-type int8`) implies int8_wo."""
+        if int8_mode not in (0, 1):
+            raise ConfigError(f"--int8-mode {int8_mode}: only FT's weight-only mode 1 is supported "
+                              "(mode 2, SmoothQuant, is not); use --quantization int8_wo or fp8")
+        implied = "int8_wo" if int8_mode == 1 or weight_data_type == "int8" else None
+        if quantization is not None and implied is not None and quantization != implied:
+            source = "--int8-mode 1" if int8_mode else "--weight-data-type int8"
+            raise ConfigError(f"{source} means --quantization int8_wo, not {quantization}")
+        return cls(quantization or implied or "none", kv_cache_dtype)
+
+    @property
+    def needs_fp8(self) -> bool:
+        return self.quantization == "fp8" or self.kv_cache_dtype == "fp8"
+
+    def check_device(self, device) -> None:
+        """Refuse fp8 (weights or KV cache) where the device has no FP8 (CPUs, GPUs before sm_89)."""
+        if not self.needs_fp8 or self.emulate_fp8:
+            return
+        flags = " and ".join(f for f, on in (("--quantization fp8", self.quantization == "fp8"),
+                                             ("--kv-cache-dtype fp8", self.kv_cache_dtype == "fp8")) if on)
+        need = f"FP8 needs a GPU of compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or newer " \
+               "(Ada, Hopper)"
+        if device.type != "cuda":
+            raise ConfigError(f"{flags}: {need}, and this rank runs on the {device.type}; use --quantization "
+                              "int8_wo (or serve unquantized)")
+        import torch
+
+        capability = torch.cuda.get_device_capability(device)
+        if tuple(capability) < FP8_MIN_CAPABILITY:
+            raise ConfigError(f"{flags}: {need}; {torch.cuda.get_device_name(device)} is sm_{capability[0]}"
+                              f"{capability[1]}; use --quantization int8_wo")

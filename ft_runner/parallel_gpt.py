@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ft_runner import parallel
+from ft_runner.config import QuantConfig
 from ft_runner.engine.beam import with_beam_axis
 from ft_runner.engine.generator import Batch, Generator
 from ft_runner.serving.protocol import Channel
@@ -48,7 +49,7 @@ class ParallelGPT(torch.nn.Module):
                  use_attention_linear_bias: bool = False, int8_mode: int = 0, weights_data_type=np.float32,
                  shared_contexts_ratio: float = 1.0, device: str = "auto"):
         super().__init__()
-        unsupported = {"gpt_with_moe": gpt_with_moe, "has_adapters": has_adapters, "int8_mode": int8_mode}
+        unsupported = {"gpt_with_moe": gpt_with_moe, "has_adapters": has_adapters}
         for name, value in unsupported.items():
             if value:
                 raise ValueError(f"{name}={value!r} is not supported by ft_runner's ParallelGPT")
@@ -61,6 +62,7 @@ class ParallelGPT(torch.nn.Module):
         self.start_id, self.end_id, self.layer_num, self.max_seq_len = start_id, end_id, layer_num, max_seq_len
         self.tensor_para_size, self.pipeline_para_size = tensor_para_size, pipeline_para_size
         self.inference_data_type = inference_data_type
+        self.quant = QuantConfig.from_flags(int8_mode=int8_mode)  # FT's int8_mode 1: int8 weights, fp activations
         self.runtime = parallel.init_runtime(tensor_para_size, pipeline_para_size, device)
         # FT scripts just end: close torch.distributed before the interpreter does, so no collective's
         # background thread outlives it
@@ -86,7 +88,8 @@ class ParallelGPT(torch.nn.Module):
             if getattr(config, key) != value:
                 raise ValueError(f"{path}/config.ini has {key} = {getattr(config, key)} but ParallelGPT was "
                                  f"built with {value}")
-        stage = load_stage(path, self.runtime.grid, self.runtime.tp_group, self.inference_data_type, self.device)
+        stage = load_stage(path, self.runtime.grid, self.runtime.tp_group, self.inference_data_type, self.device,
+                           self.quant)
         self.generator = Generator(stage, self.runtime)
         self.limits = Limits(config.vocab_size, min(self.max_seq_len, config.max_pos_seq_len), self.start_id,
                              self.end_id)

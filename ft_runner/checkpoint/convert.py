@@ -24,6 +24,7 @@ import numpy as np
 from ft_runner.checkpoint import layout, megatron
 from ft_runner.checkpoint.families import Source, family_of
 from ft_runner.config import WEIGHT_DTYPES, ConfigError, ModelConfig
+from ft_runner.model.quant import quantize_ft_kernel
 
 
 def checkpoint_dir(output_dir: Path, tp: int) -> Path:
@@ -50,7 +51,7 @@ def convert(hf_dir: Path, output_dir: Path, tp: int, weight_data_type: str = "fp
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{tp}-gpu.tmp-", dir=output_dir))
     try:
-        _write(tmp, config, source.tensor, tp, weight_data_type, log)
+        _write(tmp, config, source.tensor, tp, log)
         source.save_tokenizer(tmp)
         config.to_ini(tmp / "config.ini", source.section)  # written last: its presence marks a complete directory
         os.rename(tmp, target)
@@ -105,7 +106,9 @@ def _megatron_source(path: Path, weight_data_type: str) -> _Source:
     return _Source(checkpoint.config, "gpt", tensor, checkpoint.save_tokenizer)
 
 
-def _write(directory: Path, config: ModelConfig, tensor, tp: int, dtype: str, log) -> None:
+def _write(directory: Path, config: ModelConfig, tensor, tp: int, log) -> None:
+    """Every tensor of the layout; an int8 checkpoint's kernels quantized whole (per output channel
+    over all of their inputs), then cut, their scales beside them."""
     total = 0
     for spec, layer in layout.all_specs(config):
         name = spec.name.format(i=layer) if layer is not None else spec.name
@@ -116,7 +119,11 @@ def _write(directory: Path, config: ModelConfig, tensor, tp: int, dtype: str, lo
             raise KeyError(f"converter produced no tensor {name}")
         if array.shape != spec.shape(config):
             raise ValueError(f"{name}: shape {array.shape}, expected {spec.shape(config)}")
-        layout.write_tensor(directory, spec, layer, array, tp, dtype, config)
+        if spec.kernel and config.weight_data_type == "int8":
+            array, scale = quantize_ft_kernel(array)
+            scales = layout.scale_spec(spec)
+            layout.write_tensor(directory, scales, layer, scale, tp, layout.file_dtype(scales, config), config)
+        layout.write_tensor(directory, spec, layer, array, tp, layout.file_dtype(spec, config), config)
         total += array.size
     log(f"[ft_runner] converted {total / 1e6:.1f}M parameters")
 
@@ -126,7 +133,9 @@ def main(argv=None) -> int:
     parser.add_argument("--in-dir", "-i", required=True, help="HF model directory, hub id or Megatron-LM checkpoint")
     parser.add_argument("--out-dir", "-o", required=True, help="writes OUT/<TP>-gpu/")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size to split for")
-    parser.add_argument("--weight-data-type", choices=WEIGHT_DTYPES, default="fp32")
+    parser.add_argument("--weight-data-type", choices=WEIGHT_DTYPES, default="fp32",
+                        help="int8: the layers' kernels per-output-channel int8 with fp32 scales, every other "
+                             "tensor fp16 (served with --quantization int8_wo)")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--trust-remote-code", action="store_true")
     args = parser.parse_args(argv)

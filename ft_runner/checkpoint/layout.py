@@ -17,7 +17,7 @@ import numpy as np
 
 from ft_runner.config import ModelConfig
 
-NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+NUMPY_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,7 @@ class TensorSpec:
     kernel: bool = False  # a [in, out] kernel: the loader transposes it to torch's [out, in]
     vocab: bool = False  # rows are the vocabulary: stored whole, padded and cut per rank by the loader
     fallback: str = ""  # read this tensor instead when the file is absent (lm_head -> wte: tied)
+    dtype: str = ""  # the files' dtype; "": the config's (ModelConfig.file_dtype)
 
     def file_names(self, tp: int, layer: int | None = None) -> list[str]:
         name = self.name.format(i=layer) if layer is not None else self.name
@@ -178,6 +179,22 @@ LAYER_TENSORS = (
 )
 
 
+def scale_spec(spec: TensorSpec) -> TensorSpec:
+    """The fp32 per-output-channel scales of a kernel in an int8 checkpoint (`<prefix>.scale_w_quant_orig`,
+    as FT's SmoothQuant converters name the weights' quantized-to-original scales): shaped as the
+    kernel's output axes and cut as them (a column-parallel kernel's scales are cut with its columns,
+    QKV's as its bias; a row-parallel kernel's are whole on every rank: a channel's scale covers all
+    of its inputs, so it does not depend on the TP)."""
+    assert spec.kernel, spec.name
+    row_parallel = isinstance(spec.split, Axis) and spec.split.axis == 0
+    return TensorSpec(spec.name.removesuffix(".weight") + ".scale_w_quant_orig", lambda c: spec.shape(c)[1:],
+                      None if row_parallel else spec.split, spec.when, param=spec.param + "_scale", dtype="fp32")
+
+
+def file_dtype(spec: TensorSpec, config: ModelConfig) -> str:
+    return spec.dtype or config.file_dtype(spec.kernel)
+
+
 def global_specs(config: ModelConfig) -> list[TensorSpec]:
     return [spec for spec in GLOBAL_TENSORS if spec.when(config)]
 
@@ -187,7 +204,8 @@ def layer_specs(config: ModelConfig) -> list[TensorSpec]:
 
 
 def all_specs(config: ModelConfig):
-    """Yield (spec, layer) for every tensor of the model; layer is None for global tensors."""
+    """Yield (spec, layer) for every tensor of the model (an int8 checkpoint's scales aside: see
+    scale_spec); layer is None for global tensors."""
     for spec in global_specs(config):
         yield spec, None
     for layer in range(config.num_layer):
@@ -218,18 +236,18 @@ def exists(directory: Path, spec: TensorSpec, layer, ckpt_tp: int) -> bool:
 
 def read_piece(directory: Path, spec: TensorSpec, layer, config: ModelConfig, ckpt_tp: int,
                tp_rank: int) -> np.ndarray:
-    """One rank's file of a split tensor, as fp32."""
+    """One rank's file of a split tensor, as fp32 (int8 kernels as int8)."""
     path = directory / spec.file_names(ckpt_tp, layer)[tp_rank]
-    return read_file(path, spec.split.piece_shape(spec.shape(config), ckpt_tp, config), config.weight_data_type)
+    return read_file(path, spec.split.piece_shape(spec.shape(config), ckpt_tp, config), file_dtype(spec, config))
 
 
 def read_tensor(directory: Path, spec: TensorSpec, layer, config: ModelConfig, ckpt_tp: int) -> np.ndarray:
-    """Read one whole tensor as fp32, joining its TP pieces."""
+    """Read one whole tensor as fp32 (int8 kernels as int8), joining its TP pieces."""
     if not exists(directory, spec, layer, ckpt_tp):
         raise FileNotFoundError(f"checkpoint file {directory / spec.file_names(ckpt_tp, layer)[0]} is missing")
     if spec.split is None:
         path = directory / spec.file_names(ckpt_tp, layer)[0]
-        return read_file(path, spec.shape(config), config.weight_data_type)
+        return read_file(path, spec.shape(config), file_dtype(spec, config))
     pieces = [read_piece(directory, spec, layer, config, ckpt_tp, r) for r in range(ckpt_tp)]
     return spec.split.join(pieces, config)
 
@@ -243,4 +261,4 @@ def read_file(path: Path, shape: tuple, dtype: str) -> np.ndarray:
     expected = int(np.prod(shape))
     if array.size != expected:
         raise ValueError(f"{path} holds {array.size} values, expected {expected} for shape {shape}")
-    return array.reshape(shape).astype(np.float32)
+    return array.reshape(shape) if dtype == "int8" else array.reshape(shape).astype(np.float32)

@@ -8,7 +8,10 @@ k/v to the cache and attends. A parallel-residual block (GPT-J, GPT-NeoX)
 writes attention output, activated MLP hidden and QKV side by side in one buffer, so its two
 output projections are one GEMM (and, with one shared norm, its two input projections too).
 Gated MLPs run gate and up as one GEMV. Weights are fused in place: the modules' parameters
-become views into the fused tensors, so nothing is held twice.
+become views into the fused tensors, so nothing is held twice. Quantized weights (model/quant.py)
+fuse the same way where outputs are stacked (each channel keeps its scale); a parallel block's two
+output projections, whose channels have a scale each, stay two products (the second adds the
+first as its residual), and no norm is folded into a quantized GEMV.
 
 `ModuleDecoder` runs the model's own modules instead, for blocks FusedDecoder does not cover
 (post-layernorm, ALiBi, sliding windows, dynamic RoPE).
@@ -24,6 +27,7 @@ import torch.distributed as dist
 
 from ft_runner.engine.symm_reduce import SymmetricAllReduce
 from ft_runner.kernels import ops
+from ft_runner.model import quant
 
 # FT activation name -> (ops activation, gated)
 _ACTS = {"Gelu": ("gelu", False), "GeluExact": ("gelu_exact", False), "Relu": ("relu", False),
@@ -56,8 +60,9 @@ class FusedLayer:
     out_b: torch.Tensor | None  # added once, after the TP all-reduce
     fc1_w: torch.Tensor | None  # None when folded into qkv_w; gated: [gate ; up] stacked
     fc1_b: torch.Tensor | None
-    fc2_w: torch.Tensor | None  # None when folded into out_w
+    fc2_w: torch.Tensor | None  # None when folded into out_w (parallel blocks, unquantized)
     fc2_b: torch.Tensor | None
+    # (any of the weights may be a quant.QuantizedWeight: ops.linear takes either)
     mlp_width: int  # local MLP hidden width
     fold1: tuple | None = None  # single-row path: norm1 folded into qkv_w (ops.fold_norm)
     fold2: tuple | None = None  # single-row path: the MLP's norm folded into fc1_w
@@ -84,19 +89,26 @@ def _sum_bias(*biases):
     return None if not present else sum(present[1:], present[0].clone())
 
 
-def _fuse_rows(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack Linear weights (out, in) along out; each module's parameters become views of the result."""
+def _fuse_rows(*linears) -> tuple:
+    """Stack Linear weights (out, in) along out (quantized ones with their scales); each module's
+    parameters become views of the result."""
     weight = torch.cat([m.weight for m in linears])
+    scale = torch.cat([m.weight_scale for m in linears]) if linears[0].quant is not None else None
     bias = None
-    if any(m.bias is not None for m in linears):
-        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears])
+    present = [m.bias for m in linears if m.bias is not None]
+    if present:
+        bias = torch.cat([m.bias if m.bias is not None else present[0].new_zeros(m.weight.shape[0]) for m in linears])
     start = 0
     for m in linears:
         rows = m.weight.shape[0]
         m.weight.data = weight[start:start + rows]
+        if scale is not None:
+            m.weight_scale.data = scale[start:start + rows]
         if m.bias is not None:
             m.bias.data = bias[start:start + rows]
         start += rows
+    if scale is not None:
+        return quant.QuantizedWeight(weight, scale, linears[0].quant), bias
     return weight, bias
 
 
@@ -136,13 +148,15 @@ class FusedDecoder:
         first = stage.layers[0].attn
         self.heads, self.kv_heads, self.head_dim = first.heads, first.kv_heads, first.head_dim
         self.scale = first.head_dim ** -0.5
+        self.dtype = stage.dtype
         self.layers = [self._fuse(block) for block in stage.layers]
         self.final_norm = Norm.of(stage.ln_f) if stage.ln_f is not None else None
         self.head_w, self.head_b = self._pad_head(stage.lm_head)
         self.head_fold = None
         if self.group is None and self.layers[0].qkv_w.is_cuda:  # the single-row path folds its norms
             for layer in self.layers:
-                self._fold(layer)
+                if not quant.is_quantized(layer.qkv_w):  # a quantized GEMV reads normed rows
+                    self._fold(layer)
             if self.final_norm is not None and self.head_w is not None:
                 self.head_fold = self._folded(self.final_norm, self.head_w)
         self.vocab = config.vocab_size
@@ -157,17 +171,20 @@ class FusedDecoder:
         width = mlp.fc1.weight.shape[0]
         norm2 = Norm.of(block.ln2) if block.ln2 is not None else None
         if not block.parallel:
-            fc1_w, fc1_b = _fuse_rows(*fc1) if len(fc1) > 1 else (mlp.fc1.weight, mlp.fc1.bias)
-            return FusedLayer(Norm.of(block.ln1), norm2, False, attn.qkv.weight, attn.qkv.bias, attn.dense.weight,
-                              attn.dense.bias, fc1_w, fc1_b, mlp.fc2.weight, mlp.fc2.bias, width)
-        out_w = _fuse_cols(attn.dense, mlp.fc2)
+            fc1_w, fc1_b = _fuse_rows(*fc1) if len(fc1) > 1 else (mlp.fc1.qweight, mlp.fc1.bias)
+            return FusedLayer(Norm.of(block.ln1), norm2, False, attn.qkv.qweight, attn.qkv.bias, attn.dense.qweight,
+                              attn.dense.bias, fc1_w, fc1_b, mlp.fc2.qweight, mlp.fc2.bias, width)
         out_b = _sum_bias(attn.dense.bias, mlp.fc2.bias)
+        if attn.dense.quant is None:  # one GEMM over [attention out | MLP hidden]
+            out_w, fc2_w = _fuse_cols(attn.dense, mlp.fc2), None
+        else:  # each output channel of dense and of fc2 has its own scale: two products
+            out_w, fc2_w = attn.dense.qweight, mlp.fc2.qweight
         if norm2 is None and not self.gated:  # GPT-J: one norm feeds both, so one input GEMM
             in_w, in_b = _fuse_rows(mlp.fc1, attn.qkv)
-            return FusedLayer(Norm.of(block.ln1), None, True, in_w, in_b, out_w, out_b, None, None, None, None, width)
-        fc1_w, fc1_b = _fuse_rows(*fc1) if len(fc1) > 1 else (mlp.fc1.weight, mlp.fc1.bias)
-        return FusedLayer(Norm.of(block.ln1), norm2, True, attn.qkv.weight, attn.qkv.bias, out_w, out_b,
-                          fc1_w, fc1_b, None, None, width)
+            return FusedLayer(Norm.of(block.ln1), None, True, in_w, in_b, out_w, out_b, None, None, fc2_w, None, width)
+        fc1_w, fc1_b = _fuse_rows(*fc1) if len(fc1) > 1 else (mlp.fc1.qweight, mlp.fc1.bias)
+        return FusedLayer(Norm.of(block.ln1), norm2, True, attn.qkv.qweight, attn.qkv.bias, out_w, out_b,
+                          fc1_w, fc1_b, fc2_w, None, width)
 
     def _pad_head(self, head) -> tuple:
         """The head's weight and bias; on one GPU with their rows padded with zeros to a multiple of
@@ -265,6 +282,9 @@ class FusedDecoder:
             ops.linear(h, layer.qkv_w, layer.qkv_b, out=buf[:, local + width:], norm=norm1)
             ops.linear(h, layer.fc1_w, layer.fc1_b, self.act, self.gated, out=buf[:, local:local + width], norm=norm2)
         attend(buf[:, local + width:], out=buf[:, :local])
+        if layer.fc2_w is not None:  # quantized: dense, then fc2 adding it
+            y = ops.linear(buf[:, :local], layer.out_w, residual=h)
+            return ops.linear(buf[:, local:local + width], layer.fc2_w, layer.out_b, residual=y)
         return ops.linear(buf[:, :local + width], layer.out_w, layer.out_b, residual=h)
 
     def _parallel_buffer(self, layer: FusedLayer, x):
@@ -282,8 +302,7 @@ class FusedDecoder:
             if self.group is not None:
                 dist.all_reduce(h, group=self.group)
             return h if stage.ln_embed is None else stage.ln_embed(h)
-        h = torch.empty((tokens.shape[0], self.stage.config.hidden_size), dtype=self.layers[0].qkv_w.dtype,
-                        device=tokens.device)
+        h = torch.empty((tokens.shape[0], self.stage.config.hidden_size), dtype=self.dtype, device=tokens.device)
         return self.pipe.recv_prev(h)
 
     def _attend(self, cache, layer: int, positions):
@@ -292,14 +311,14 @@ class FusedDecoder:
                                 self.rope, out)
         return attend
 
-    def _project_reduce(self, x, weight):
-        """x W^T summed over the TP group (a row-parallel output projection). With symmetric memory
-        the product goes straight into the shared buffer in fp32 and one one-shot kernel sums it (the
-        sum comes back in fp32); products too large for the buffer, and gloo, take dist.all_reduce."""
+    def _project_reduce(self, x, weight, residual=None):
+        """x W^T (+ residual) summed over the TP group (a row-parallel output projection). With symmetric
+        memory the product goes straight into the shared buffer in fp32 and one one-shot kernel sums
+        it (the sum comes back in fp32); products too large for the buffer, and gloo, take dist.all_reduce."""
         partial = self.symm.partial(x.shape[0], weight.shape[0]) if self.symm is not None else None
         if partial is not None:
-            return self.symm(ops.linear(x, weight, out=partial))
-        y = ops.linear(x, weight)
+            return self.symm(ops.linear(x, weight, out=partial, residual=residual))
+        y = ops.linear(x, weight, residual=residual)
         if self.group is not None:
             dist.all_reduce(y, group=self.group)
         return y
@@ -326,7 +345,10 @@ class FusedDecoder:
             x_mlp = x if layer.norm2 is None else ops.add_norm(h, None, None, *layer.norm2.args())[1]
             ops.linear(x_mlp, layer.fc1_w, layer.fc1_b, self.act, self.gated, out=buf[:, local:local + width])
         attend(buf[:, local + width:], out=buf[:, :local])
-        y = self._project_reduce(buf[:, :local + width], layer.out_w)
+        if layer.fc2_w is not None:  # quantized: dense, then fc2 adding it, one sum over the TP group
+            y = self._project_reduce(buf[:, local:local + width], layer.fc2_w, ops.linear(buf[:, :local], layer.out_w))
+        else:
+            y = self._project_reduce(buf[:, :local + width], layer.out_w)
         return self._residual(h, y, layer.out_b, nxt)
 
     def _head(self, x, norm: tuple | None = None):

@@ -105,7 +105,7 @@ class Generator:
         self.runtime = runtime
         self.grid = runtime.grid
         self.device = runtime.device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = model.dtype
         self.vocab = model.config.vocab_size
         self._ends = dict(other_ends=model.config.other_end_ids, model_end=model.config.end_id)
         reason = decode.unsupported_reason(model)

@@ -24,6 +24,7 @@ from ft_runner.engine import decode
 from ft_runner.engine.cuda_graph import LADDER
 from ft_runner.engine.transfer import to_device
 from ft_runner.kernels import ops
+from ft_runner.model import quant
 
 ACTIVATION_BYTES_PER_TOKEN = 16  # activations of one batched token, in units of (hidden + MLP width) elements
 GIB = 1 << 30
@@ -59,11 +60,23 @@ class StepPlan:
 class PagedKVCache:
     k: torch.Tensor  # (layers, pages, kv_heads, block_size, head_dim)
     v: torch.Tensor
+    # e4m3 caches (--kv-cache-dtype fp8): (layers, 2) fp32, each layer's key and value scales (stored =
+    # e4m3(x / scale)); 1.0, as vLLM for a checkpoint without calibrated scales. None: the model dtype.
+    scales: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, layers: int, pages: int, kv_heads: int, block_size: int, head_dim: int, dtype, device):
+    def allocate(cls, layers: int, pages: int, kv_heads: int, block_size: int, head_dim: int, dtype, device,
+                 fp8: bool = False):
         shape = (layers, pages, kv_heads, block_size, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        if fp8:
+            dtype = quant.FP8
+        scales = torch.ones((layers, 2), dtype=torch.float32, device=device) if fp8 else None
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                   scales)
+
+    def scale(self, layer: int) -> torch.Tensor | None:
+        """The (2,) key and value scales of one layer's pages, None for a model-dtype cache."""
+        return None if self.scales is None else self.scales[layer]
 
 
 @dataclasses.dataclass
@@ -101,15 +114,15 @@ class PagedBatch:
         if out is None:
             out = torch.empty((qkv.shape[0], heads * head_dim), dtype=qkv.dtype, device=qkv.device)
         k, v, d = self.cache.k[layer], self.cache.v[layer], self.num_decode
+        kv_scale = self.cache.scale(layer)
         if d:
             ops.paged_decode_attention(qkv[:d], k, v, self.block_tables[:d], positions[:d], heads, kv_heads,
-                                       head_dim, scale, rope, out[:d])
+                                       head_dim, scale, rope, out[:d], kv_scale)
         if d < qkv.shape[0]:
             tables = self.block_tables[d:] if self.prefill_tables is None else self.prefill_tables
             context = self.context_lens[d:] if self.prefill_context is None else self.prefill_context
             ops.prefill_attention(qkv[d:], k, v, tables, self.prefill_cu, context, self.max_query_len, heads,
-                                  kv_heads, head_dim, scale,
-                                  rope, out=out[d:])
+                                  kv_heads, head_dim, scale, rope, out=out[d:], kv_scale=kv_scale)
         return out
 
 
@@ -128,14 +141,20 @@ def cache_pages(stage, runtime, config: EngineConfig) -> int:
 
 def page_bytes(stage, tp: int, block_size: int) -> int:
     config = stage.config
-    elem = next(stage.parameters()).element_size()
+    elem = 1 if kv_fp8(stage) else stage.dtype.itemsize
     return 2 * len(stage.layers) * config.local_kv_heads(tp) * block_size * config.size_per_head * elem
+
+
+def kv_fp8(stage) -> bool:
+    """Does the stage's paged cache hold e4m3 (QuantConfig.kv_cache_dtype, kept by load_stage)?"""
+    settings = getattr(stage, "quant", None)
+    return settings is not None and settings.kv_cache_dtype == "fp8"
 
 
 def activation_reserve(stage, config: EngineConfig) -> int:
     """Room left for one step's activations and the sampled rows' fp32 logits, beside the cache."""
     model = stage.config
-    elem = next(stage.parameters()).element_size()
+    elem = stage.dtype.itemsize
     tokens = config.max_num_batched_tokens * (model.hidden_size + model.inter_size) * ACTIVATION_BYTES_PER_TOKEN
     logits = config.max_num_seqs * model.vocab_size * 4 * 4
     return tokens * elem + logits + GIB
@@ -145,7 +164,7 @@ class ModelRunner:
     def __init__(self, stage, runtime, config: EngineConfig, pages: int):
         self.stage, self.runtime, self.config = stage, runtime, config
         self.grid, self.device = runtime.grid, runtime.device
-        self.dtype = next(stage.parameters()).dtype
+        self.dtype = stage.dtype
         model = stage.config
         self.fused = decode.fused_decoder(stage, runtime) if decode.unsupported_reason(stage) is None else None
         if self.fused is not None:
@@ -154,7 +173,8 @@ class ModelRunner:
         self.pages = pages
         self.scratch = pages  # the extra page padding rows write into
         self.cache = PagedKVCache.allocate(len(stage.layers), pages + 1, model.local_kv_heads(self.grid.tp),
-                                           config.kv_block_size, model.size_per_head, self.dtype, self.device)
+                                           config.kv_block_size, model.size_per_head, self.dtype, self.device,
+                                           fp8=kv_fp8(stage))
         self.max_pages = -(-config.model_len(model) // config.kv_block_size)
         rotary = getattr(stage, "rotary", None)
         if rotary is not None and rotary.inv is not None:
@@ -191,6 +211,22 @@ class ModelRunner:
             buffer = torch.empty((logits, self.stage.config.vocab_size), dtype=torch.float32, device=self.device)
             logits = self.runtime.pipe.recv_logits(buffer)
         return logits
+
+    @torch.inference_mode()
+    def prompt_logits(self, tokens) -> torch.Tensor | None:
+        """fp32 logits (n, vocab) at every position of one prompt (n tokens, one chunk), through the
+        paged cache as a prefill computes them (for scoring and tests: it writes the cache's first
+        pages, so call it while no request holds any). Every rank calls it; rank 0 gets the logits."""
+        n, size = len(tokens), self.config.kv_block_size
+        pages = -(-n // size)
+        if pages > self.pages:
+            raise ValueError(f"a prompt of {n} tokens needs {pages} pages; the cache has {self.pages}")
+        plan = StepPlan(np.asarray(tokens, dtype=np.int64), np.arange(n, dtype=np.int64),
+                        np.array([0, n], dtype=np.int32), np.zeros(1, dtype=np.int32),
+                        np.arange(pages, dtype=np.int32)[None], 0, np.zeros(1, dtype=np.int64),
+                        np.array([n], dtype=np.int64))
+        batch = dataclasses.replace(self.to_device(plan), last=torch.arange(n, device=self.device))
+        return self._to_rank0(self.forward(batch), n)
 
     def fill_pending(self, tokens: torch.Tensor, plan: StepPlan, previous: torch.Tensor | None) -> None:
         """Rank 0 writes the pending tokens from the previous step's samples, on the device, and

@@ -1,7 +1,9 @@
 """The decode step's fused ops: a Triton kernel on GPUs, the torch reference elsewhere.
 
 Shapes: activations are (M, features) rows, one row per sequence; weights are torch Linear's
-(out, in). Reductions run in fp32 whatever the storage dtype.
+(out, in), or a model.quant.QuantizedWeight (int8 or e4m3 with per-output-channel scales).
+Reductions run in fp32 whatever the storage dtype. A paged KV cache may hold e4m3 with a
+`kv_scale` (2,) fp32 per layer: stored = e4m3(k / kv_scale[0]) (keys), e4m3(v / kv_scale[1]) (values).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ft_runner.kernels import use_triton
+from ft_runner.model import quant
 from ft_runner.model.layers import vocab_slice_lookup
 
 
@@ -88,7 +91,10 @@ def linear(x, weight, bias=None, act: str | None = None, gated: bool = False, ac
     norm applied to x first, optionally followed by the fp32 sums (W weight, W bias) that let the
     GPU kernel fold it into the product (`fold_norm`); residual: (M, N) added last. At M == 1 on a
     GPU all of it is one kernel; at 2..64 rows a norm kernel and one few-row GEMM with the rest.
+    A QuantizedWeight: see quantized_linear.
     """
+    if quant.is_quantized(weight):
+        return quantized_linear(x, weight, bias, act, gated, act_cols, out, norm, residual)
     if use_triton(x) and x.shape[0] == 1 and os.environ.get("FT_RUNNER_GEMV", "") != "cublas":
         return _triton().gemv(x, weight, bias, act, gated, act_cols, out, norm, residual)
     if norm is not None:
@@ -98,16 +104,64 @@ def linear(x, weight, bias=None, act: str | None = None, gated: bool = False, ac
     if use_triton(x):
         if act is None and out is None and residual is None:
             return F.linear(x, weight, bias)
-        y = _triton().activate(F.linear(x, weight), bias, act, gated, act_cols, out if residual is None else None)
-    else:
-        y = _torch_activate(F.linear(x, weight, bias), act, gated, act_cols)
+        return _epilogue(F.linear(x, weight), bias, act, gated, act_cols, out, residual)
+    return _finish(_torch_activate(F.linear(x, weight, bias), act, gated, act_cols), out, residual)
+
+
+def _epilogue(y, bias, act, gated, act_cols, out, residual, dtype=None):
+    """A cuBLAS product's bias and activation in one kernel, then the residual (into `out`, in `dtype`)."""
+    if out is None and dtype is not None and dtype != y.dtype:
+        out = torch.empty((y.shape[0], y.shape[1] // (2 if gated else 1)), dtype=dtype, device=y.device)
+    y = _triton().activate(y, bias, act, gated, act_cols, out if residual is None else None)
+    return _finish(y, out, residual, dtype)
+
+
+def _finish(y, out, residual, dtype=None):
+    """y + residual (in fp32) in `dtype` (default y's), into `out` if given."""
+    dtype = dtype or y.dtype
     if residual is not None:
-        y = (y.float() + residual.float()).to(y.dtype)
+        y = (y.float() + residual.float()).to(dtype)
+    y = y.to(dtype)
     if out is None:
         return y
     if y.data_ptr() != out.data_ptr():
         out.copy_(y)
     return out
+
+
+def quantized_linear(x, weight: quant.QuantizedWeight, bias=None, act: str | None = None, gated: bool = False,
+                     act_cols: int | None = None, out=None, norm=None, residual=None):
+    """ops.linear with a quantized weight: y = scale[n] sum_k x[m, k] q[n, k] in fp32, then the bias,
+    activation and residual as ops.linear; the result in x's dtype. int8_wo keeps x as it is; fp8
+    first rounds each row of x to e4m3 with its own scale (quantize_rows_fp8), y then carrying it too.
+    A norm is applied first (the folded sums are not used). On GPUs: one GEMV (1 row) or few-row GEMM
+    (2..64 rows) that converts the weights in registers; more rows dequantize int8 for cuBLAS, and
+    fp8 goes through torch._scaled_mm."""
+    dtype = x.dtype
+    if norm is not None:
+        x = add_norm(x, None, None, *norm[:4])[1]
+    x_scale = None
+    if weight.kind == "fp8":
+        x, x_scale = quantize_rows_fp8(x)
+    if use_triton(x):
+        if x.shape[0] <= _triton().SKINNY_MAX_ROWS and os.environ.get("FT_RUNNER_GEMM", "") != "cublas":
+            return _triton().quantized_linear(x, x_scale, weight.q, weight.scale, dtype, bias, act, gated, act_cols,
+                                              out, residual)
+        if weight.kind == "int8_wo":
+            dense = _triton().dequantize(weight.q, weight.scale, dtype)
+            return linear(x, dense, bias, act, gated, act_cols, out, None, residual)
+        y = _triton().fp8_matmul(x, x_scale, weight.q, weight.scale, dtype)
+        return _epilogue(y, bias, act, gated, act_cols, out, residual, dtype)
+    x32 = x.float() if x_scale is None else x.float() * x_scale[:, None]
+    y = F.linear(x32, weight.dequantize(), None if bias is None else bias.float())
+    return _finish(_torch_activate(y, act, gated, act_cols), out, residual, dtype)
+
+
+def quantize_rows_fp8(x):
+    """x (M, K) -> (e4m3 (M, K), fp32 (M,)): each row over its own scale max|x| / 448 (model.quant)."""
+    if use_triton(x):
+        return _triton().quantize_rows_fp8(x)
+    return quant.quantize_rows_fp8(x)
 
 
 def fold_norm(norm_weight, norm_bias, weight) -> tuple:
@@ -176,22 +230,29 @@ def _split_qkv(qkv, heads: int, kv_heads: int, head_dim: int, positions, rotary)
     return q, k, v
 
 
-def _paged_store(k_cache, v_cache, blocks, positions, k, v) -> None:
+def _paged_store(k_cache, v_cache, blocks, positions, k, v, kv_scale=None) -> None:
     """Store k, v (R, kv_heads, D) at `positions` (R,) of the sequences whose block table rows are
-    `blocks` (R, max_blocks), in caches (num_blocks, kv_heads, block_size, D)."""
+    `blocks` (R, max_blocks), in caches (num_blocks, kv_heads, block_size, D) (e4m3 over `kv_scale`)."""
     size = k_cache.shape[2]
     slots = blocks.gather(1, (positions // size)[:, None])[:, 0].long()
-    k_cache[slots, :, positions % size] = k.to(k_cache.dtype)
-    v_cache[slots, :, positions % size] = v.to(v_cache.dtype)
+    k_cache[slots, :, positions % size] = _to_cache(k, k_cache.dtype, kv_scale, 0)
+    v_cache[slots, :, positions % size] = _to_cache(v, v_cache.dtype, kv_scale, 1)
 
 
-def _paged_gather(cache, blocks, length: int):
+def _to_cache(x, dtype, kv_scale, which: int):
+    """x as the cache stores it: e4m3(x / kv_scale[which]) for a scaled cache, else x in `dtype`."""
+    return x.to(dtype) if kv_scale is None else quant.to_fp8(x.float() / kv_scale[which])
+
+
+def _paged_gather(cache, blocks, length: int, kv_scale=None, which: int = 0, dtype=None):
     """Positions 0..length-1 of each sequence, (B, kv_heads, length, D), from its block table row
-    (blocks (B, max_blocks)) in a cache (num_blocks, kv_heads, block_size, D)."""
+    (blocks (B, max_blocks)) in a cache (num_blocks, kv_heads, block_size, D); a scaled cache's
+    entries come back as kv_scale[which] * e4m3 in `dtype`."""
     t = torch.arange(length, device=cache.device)
     size = cache.shape[2]
     ids = blocks[:, t // size].long().clamp(0, cache.shape[0] - 1)  # unused table entries may hold anything
-    return cache[ids, :, t % size].transpose(1, 2)
+    out = cache[ids, :, t % size].transpose(1, 2)
+    return out if kv_scale is None else (out.float() * kv_scale[which]).to(dtype)
 
 
 def _expand_kv(x, heads: int):
@@ -200,7 +261,7 @@ def _expand_kv(x, heads: int):
 
 
 def paged_decode_attention(qkv, k_cache, v_cache, block_tables, positions, heads: int, kv_heads: int, head_dim: int,
-                           scale: float, rotary=None, out=None):
+                           scale: float, rotary=None, out=None, kv_scale=None):
     """decode_attention over a paged cache: one new token per row; rotate q and k, store k and v at
     the row's position, attend to positions 0..pos.
 
@@ -210,23 +271,24 @@ def paged_decode_attention(qkv, k_cache, v_cache, block_tables, positions, heads
     t % block_size; positions (B,) int64, the new token's position, < 0 for a padding row (it stores
     nothing and its output row is zeros); rotary None or (cos, sin, rot_dim, interleaved). Writes
     (B, heads head_dim) into `out` (which may be a column slice of a wider buffer) and returns it.
-    (The torch reference selects the live rows with a boolean mask: a host sync on GPUs.)
+    kv_scale: None, or (2,) fp32 for e4m3 caches (the module docstring). (The torch reference selects
+    the live rows with a boolean mask: a host sync on GPUs.)
     """
     B = qkv.shape[0]
     if out is None:
         out = torch.empty((B, heads * head_dim), dtype=qkv.dtype, device=qkv.device)
     if use_triton(qkv):
         return _triton().paged_decode_attention(qkv, k_cache, v_cache, block_tables, positions, heads, kv_heads,
-                                                head_dim, scale, rotary, out)
+                                                head_dim, scale, rotary, out, kv_scale)
     live = positions >= 0
     pos = positions.clamp_min(0)
     q, k, v = _split_qkv(qkv, heads, kv_heads, head_dim, pos, rotary)
-    _paged_store(k_cache, v_cache, block_tables[live], pos[live], k[live], v[live])
+    _paged_store(k_cache, v_cache, block_tables[live], pos[live], k[live], v[live], kv_scale)
     length = block_tables.shape[1] * k_cache.shape[2]
     mask = (torch.arange(length, device=qkv.device)[None, :] <= pos[:, None])[:, None, :, None]  # (B, 1, T, 1)
     # positions past pos may never have been written (NaN in a fresh cache would leak through 0 weights)
-    keys = _expand_kv(_paged_gather(k_cache, block_tables, length).where(mask, 0), heads)
-    values = _expand_kv(_paged_gather(v_cache, block_tables, length).where(mask, 0), heads)
+    keys = _expand_kv(_paged_gather(k_cache, block_tables, length, kv_scale, 0, qkv.dtype).where(mask, 0), heads)
+    values = _expand_kv(_paged_gather(v_cache, block_tables, length, kv_scale, 1, qkv.dtype).where(mask, 0), heads)
     o = F.scaled_dot_product_attention(q[:, :, None, :].to(keys.dtype), keys, values,
                                        attn_mask=mask.transpose(2, 3), scale=scale)
     out.copy_(torch.where(live[:, None], o.reshape(B, heads * head_dim), 0))
@@ -234,7 +296,8 @@ def paged_decode_attention(qkv, k_cache, v_cache, block_tables, positions, heads
 
 
 def prefill_attention(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len: int, heads: int,
-                      kv_heads: int, head_dim: int, scale: float, rotary=None, window: int = 0, slopes=None, out=None):
+                      kv_heads: int, head_dim: int, scale: float, rotary=None, window: int = 0, slopes=None, out=None,
+                      kv_scale=None):
     """Attention for chunks of new tokens of B sequences over a paged cache (chunked prefill).
 
     qkv (N, (heads + 2 kv_heads) head_dim) as [q | k | v]: sequence b's chunk is rows
@@ -244,7 +307,8 @@ def prefill_attention(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_l
     paged_decode_attention. Rotates q and k by position (rotary as there), stores every token's k
     and v, and lets a query at position p attend to cached positions max(0, p - window + 1)..p
     (window 0: 0..p) with the additive bias slopes[h] (p' - p) when `slopes` (fp32 (heads,), ALiBi)
-    is given. Writes (N, heads head_dim) into `out` (may be a column slice) and returns it.
+    is given. Writes (N, heads head_dim) into `out` (may be a column slice) and returns it. kv_scale:
+    as in paged_decode_attention.
     """
     N = qkv.shape[0]
     if out is None:
@@ -252,26 +316,27 @@ def prefill_attention(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_l
     if use_triton(qkv):
         return _triton().prefill_attention(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens,
                                            max_query_len, heads, kv_heads, head_dim, scale, rotary, window, slopes,
-                                           out)
+                                           out, kv_scale)
     bounds, contexts = cu_seqlens.tolist(), context_lens.tolist()
     for b, ctx in enumerate(contexts):
         first, last = bounds[b], bounds[b + 1]
         if last > first:
             rows = slice(first, last)
             out[rows] = _prefill_one(qkv[rows], k_cache, v_cache, block_tables[b:b + 1], ctx, heads, kv_heads,
-                                     head_dim, scale, rotary, window, slopes).to(out.dtype)
+                                     head_dim, scale, rotary, window, slopes, kv_scale).to(out.dtype)
     return out
 
 
-def _prefill_one(qkv, k_cache, v_cache, blocks, ctx: int, heads, kv_heads, head_dim, scale, rotary, window, slopes):
+def _prefill_one(qkv, k_cache, v_cache, blocks, ctx: int, heads, kv_heads, head_dim, scale, rotary, window, slopes,
+                 kv_scale):
     """prefill_attention for one sequence's chunk (n rows, block table row `blocks` (1, max_blocks)):
     (n, heads head_dim) in fp32."""
     n = qkv.shape[0]
     pos = torch.arange(ctx, ctx + n, device=qkv.device)
     q, k, v = _split_qkv(qkv, heads, kv_heads, head_dim, pos, rotary)
-    _paged_store(k_cache, v_cache, blocks.expand(n, -1), pos, k, v)
-    keys = _expand_kv(_paged_gather(k_cache, blocks, ctx + n), heads)[0].float()
-    values = _expand_kv(_paged_gather(v_cache, blocks, ctx + n), heads)[0].float()
+    _paged_store(k_cache, v_cache, blocks.expand(n, -1), pos, k, v, kv_scale)
+    keys = _expand_kv(_paged_gather(k_cache, blocks, ctx + n, kv_scale, 0, qkv.dtype), heads)[0].float()
+    values = _expand_kv(_paged_gather(v_cache, blocks, ctx + n, kv_scale, 1, qkv.dtype), heads)[0].float()
     t = torch.arange(ctx + n, device=qkv.device)
     rel = (t[None, :] - pos[:, None]).float()  # (n, ctx + n): p' - p
     allowed = rel <= 0
@@ -280,8 +345,8 @@ def _prefill_one(qkv, k_cache, v_cache, blocks, ctx: int, heads, kv_heads, head_
     bias = torch.zeros(heads, n, ctx + n, device=qkv.device).masked_fill(~allowed, float("-inf"))
     if slopes is not None:
         bias = bias + slopes.float()[:, None, None] * rel
-    o = F.scaled_dot_product_attention(q.transpose(0, 1).to(k_cache.dtype).float(), keys, values, attn_mask=bias,
-                                       scale=scale)
+    o = F.scaled_dot_product_attention(q.transpose(0, 1).to(k_cache.dtype if kv_scale is None else qkv.dtype).float(),
+                                       keys, values, attn_mask=bias, scale=scale)
     return o.transpose(0, 1).reshape(n, heads * head_dim)
 
 

@@ -18,6 +18,7 @@ import sys
 import torch
 
 from ft_runner.kernels import ops
+from ft_runner.model import quant
 
 
 @contextlib.contextmanager
@@ -97,6 +98,39 @@ def check_linear(device, dtype, M: int, act, gated=False, act_cols=None, norm=No
     return rel_err(got, want)
 
 
+def check_quantized_linear(device, dtype, kind: str, M: int, act=None, gated=False, act_cols=None, norm=False,
+                           residual=False, config=None) -> float:
+    """ops.linear on an int8 / e4m3 weight (per-output-channel scales) against the torch reference
+    (which dequantizes), into a strided column slice poisoned with NaN; M > 64 takes the int8
+    dequantization for cuBLAS or torch._scaled_mm."""
+    N, K = 208, 320  # multiples of 16 (torch._scaled_mm), not of the blocks
+    w = torch.randn(2 * N if gated else N, K, device=device) / K ** 0.5
+    w[3] *= 40.0  # channels of very different sizes: each has its own scale
+    qw = quant.quantize(w, kind)
+    b = torch.randn(w.shape[0], device=device, dtype=dtype)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    norm_args = (1 + 0.1 * torch.randn(K, device=device, dtype=dtype), torch.randn(K, device=device, dtype=dtype),
+                 1e-5, False) if norm else None
+    res = torch.randn(M, N, device=device, dtype=dtype) if residual else None
+    wide = torch.full((M, N + 8), float("nan"), device=device, dtype=dtype)
+    with setenv("FT_RUNNER_SKINNY", config):
+        got = ops.linear(x, qw, b, act, gated, act_cols, out=wide[:, 8:], norm=norm_args, residual=res)
+    with reference():
+        want = ops.linear(x, qw, b, act, gated, act_cols, norm=norm_args, residual=res)
+    return rel_err(got, want)
+
+
+def check_quantize_rows(device, dtype) -> float:
+    """ops.quantize_rows_fp8: the scales, and the e4m3 rows (a row of zeros and one past e4m3's range included)."""
+    x = torch.randn(5, 1000, device=device, dtype=dtype)
+    x[1] = 0
+    x[2, 7] = 1e4 if dtype != torch.float16 else 6e4
+    q, s = ops.quantize_rows_fp8(x)
+    with reference():
+        q_ref, s_ref = ops.quantize_rows_fp8(x)
+    return max(rel_err(s, s_ref), rel_err(q.float() * s[:, None], q_ref.float() * s_ref[:, None]))
+
+
 def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved, batch=4, config=None) -> float:
     B, T = batch, 300
     qkv = torch.randn(B, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
@@ -115,11 +149,20 @@ def check_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved, 
     return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches, strict=True)))
 
 
-def _paged_setup(device, dtype, B, kv_heads, head_dim, block, max_blocks, seed=0):
+KV_SCALE = (0.5, 0.125)  # the fp8 checks' key and value scales
+
+
+def _kv_scale(device, fp8: bool):
+    return torch.tensor(KV_SCALE, device=device) if fp8 else None
+
+
+def _paged_setup(device, dtype, B, kv_heads, head_dim, block, max_blocks, seed=0, fp8=False):
     """Random caches (num_blocks, kv_heads, block, D) and block tables (B, max_blocks) int32 of
-    distinct blocks in shuffled order."""
+    distinct blocks in shuffled order; e4m3 caches where `fp8`."""
     num_blocks = B * max_blocks + 2
     caches = [torch.randn(num_blocks, kv_heads, block, head_dim, device=device, dtype=dtype) for _ in range(2)]
+    if fp8:
+        caches = [quant.to_fp8(c) for c in caches]
     g = torch.Generator().manual_seed(seed)
     tables = torch.randperm(num_blocks, generator=g)[: B * max_blocks].view(B, max_blocks).int().to(device)
     return caches, tables
@@ -133,11 +176,12 @@ def _rotary(device, rot, interleaved, length):
 
 
 def check_paged_attention(device, dtype, heads, kv_heads, head_dim, rot, interleaved, batch=4, block=16,
-                          config=None) -> float:
-    """paged_decode_attention, a padding row (position -1) included where batch > 1."""
+                          config=None, fp8=False) -> float:
+    """paged_decode_attention, a padding row (position -1) included where batch > 1; `fp8`: e4m3 caches."""
     B, T = batch, 300
     max_blocks = -(-T // block)
-    caches, tables = _paged_setup(device, dtype, B, kv_heads, head_dim, block, max_blocks)
+    caches, tables = _paged_setup(device, dtype, B, kv_heads, head_dim, block, max_blocks, fp8=fp8)
+    kv_scale = _kv_scale(device, fp8)
     width = (heads + 2 * kv_heads) * head_dim
     qkv = torch.randn(B, width + 8, device=device, dtype=dtype)[:, 8:]
     positions = torch.tensor([0, -1, 137, T - 1][-B:], device=device)
@@ -146,19 +190,20 @@ def check_paged_attention(device, dtype, heads, kv_heads, head_dim, rot, interle
     out = torch.full((B, heads * head_dim + 8), float("nan"), device=device, dtype=dtype)[:, 8:]
     with setenv("FT_RUNNER_ATTN", config):
         got = ops.paged_decode_attention(qkv, *caches, tables, positions, heads, kv_heads, head_dim,
-                                         head_dim ** -0.5, rotary, out)
+                                         head_dim ** -0.5, rotary, out, kv_scale)
     with reference():
         want = ops.paged_decode_attention(qkv, *ref_caches, tables, positions, heads, kv_heads, head_dim,
-                                          head_dim ** -0.5, rotary)
+                                          head_dim ** -0.5, rotary, kv_scale=kv_scale)
     return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches, strict=True)))
 
 
 def check_prefill(device, dtype, heads, kv_heads, head_dim, rot, interleaved, window=0, alibi=False, block=16,
-                  config=None) -> float:
-    """prefill_attention over sequences with cached context (chunks of 1..70 tokens, one empty)."""
+                  config=None, fp8=False) -> float:
+    """prefill_attention over sequences with cached context (chunks of 1..70 tokens, one empty);
+    `fp8`: e4m3 caches."""
     contexts, chunks = [0, 37, 5, 90, 12], [70, 1, 0, 33, 64]
     max_blocks = -(-max(c + n for c, n in zip(contexts, chunks)) // block)
-    caches, tables = _paged_setup(device, dtype, len(chunks), kv_heads, head_dim, block, max_blocks)
+    caches, tables = _paged_setup(device, dtype, len(chunks), kv_heads, head_dim, block, max_blocks, fp8=fp8)
     N = sum(chunks)
     qkv = torch.randn(N, (heads + 2 * kv_heads) * head_dim + 8, device=device, dtype=dtype)[:, 8:]
     cu = torch.tensor([0, *itertools.accumulate(chunks)], device=device, dtype=torch.int32)
@@ -168,10 +213,11 @@ def check_prefill(device, dtype, heads, kv_heads, head_dim, rot, interleaved, wi
     ref_caches = [c.clone() for c in caches]
     out = torch.full((N, heads * head_dim + 8), float("nan"), device=device, dtype=dtype)[:, 8:]
     args = (max(chunks), heads, kv_heads, head_dim, head_dim ** -0.5, rotary, window, slopes)
+    kv_scale = _kv_scale(device, fp8)
     with setenv("FT_RUNNER_PREFILL", config):
-        got = ops.prefill_attention(qkv, *caches, tables, cu, ctx, *args, out=out)
+        got = ops.prefill_attention(qkv, *caches, tables, cu, ctx, *args, out=out, kv_scale=kv_scale)
     with reference():
-        want = ops.prefill_attention(qkv, *ref_caches, tables, cu, ctx, *args)
+        want = ops.prefill_attention(qkv, *ref_caches, tables, cu, ctx, *args, kv_scale=kv_scale)
     return max(rel_err(got, want), *(rel_err(c, r) for c, r in zip(caches, ref_caches, strict=True)))
 
 
@@ -202,6 +248,54 @@ def check_greedy(device, vocab: int = 3000) -> float:
                 return float("inf")
         worst = max(worst, rel_err(states[0].logprobs, states[1].logprobs))
     return worst
+
+
+def fp8_runs(device: str) -> bool:
+    """Does this device check the e4m3 kernels? sm_89+ GPUs. Not CPUs: Triton 3.6's interpreter rounds
+    to e4m3 wrongly where rounding carries into the exponent (-7.87 becomes -4, not -8)."""
+    return device != "cpu" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def quantized_checks(device, dtypes, tol) -> list:
+    """`int8 ...` and `fp8 ...`: the quantized linears at 1, 3, 33 (the GEMV, few-row GEMM) and 100 rows
+    (cuBLAS / torch._scaled_mm); `fp8 quantize_rows`; `fp8 paged attention` and `fp8 prefill` over e4m3
+    caches. Tolerances: int8 as the unquantized linears (the same products); fp8 rows and caches are
+    rounded on both sides, and a value on a rounding boundary may go either way, so 1e-2."""
+    checks = []
+    kinds = ["int8_wo"] + (["fp8"] if fp8_runs(device) else [])
+    for dtype, kind in itertools.product(dtypes, kinds):
+        name = "int8" if kind == "int8_wo" else "fp8"
+        limit = tol[dtype] if kind == "int8_wo" else 1e-2
+        for M in (1, 3, 33, 100):
+            for act, gated, cols, norm, residual in ((None, False, None, False, False), ("gelu", False, 40, False, True),
+                                                     ("silu", True, None, False, False), (None, False, None, True, True)):
+                checks.append((f"{name} linear {dtype} M={M} act={act} gated={gated} cols={cols} norm={norm} "
+                               f"residual={residual}",
+                               lambda d=dtype, k=kind, m=M, a=act, g=gated, c=cols, n=norm, r=residual:
+                               check_quantized_linear(device, d, k, m, a, g, c, n, r), limit))
+        for M, config in itertools.product((3, 33), ("32,128,4,4,4", "64,64,8,4,3")):  # split K
+            checks.append((f"{name} linear {dtype} M={M} config={config}",
+                           lambda d=dtype, k=kind, m=M, c=config: check_quantized_linear(
+                               device, d, k, m, "gelu", False, None, False, True, c), limit))
+    if "fp8" not in kinds:
+        return checks
+    for dtype in dtypes:
+        checks.append((f"fp8 quantize_rows {dtype}", lambda d=dtype: check_quantize_rows(device, d), 1e-2))
+        for shape in ((4, 4, 64, 0, False), (8, 2, 128, 128, False), (2, 2, 256, 64, True)):
+            for batch, block in ((4, 8), (1, 64)):
+                for config in (None, "16,4,1024,4,2"):
+                    checks.append((f"fp8 paged attention {dtype} B={batch} block={block} heads/kv/dim/rot/"
+                                   f"interleaved={shape} config={config}",
+                                   lambda d=dtype, s=shape, b=batch, k=block, c=config: check_paged_attention(
+                                       device, d, *s, b, k, c, fp8=True), 1e-2))
+        for shape, window, alibi in (((4, 4, 64, 0, False), 0, False), ((8, 2, 128, 128, False), 0, False),
+                                     ((4, 2, 64, 32, True), 20, False), ((4, 1, 96, 0, False), 7, True)):
+            for block in (8, 32):
+                checks.append((f"fp8 prefill {dtype} block={block} heads/kv/dim/rot/interleaved={shape} "
+                               f"window={window} alibi={alibi}",
+                               lambda d=dtype, s=shape, w=window, a=alibi, k=block: check_prefill(
+                                   device, d, *s, w, a, k, fp8=True), 1e-2))
+    return checks
 
 
 def run(device: str, only: tuple[str, ...] = ()) -> bool:
@@ -266,13 +360,20 @@ def run(device: str, only: tuple[str, ...] = ()) -> bool:
                                    lambda d=dtype, s=shape, w=window, a=alibi, k=block, c=config: check_prefill(
                                        device, d, *s, w, a, k, c),
                                    tol[dtype]))
+    checks += quantized_checks(device, dtypes, tol)
     checks.append(("greedy_step", lambda: check_greedy(device), 1e-5))
     checks.append(("greedy_step large vocab", lambda: check_greedy(device, vocab=50257), 1e-5))
     if only:
         checks = [c for c in checks if any(c[0].startswith(prefix) for prefix in only)]
     ok = True
     for name, fn, limit in checks:
-        err = fn()
+        try:
+            err = fn()
+        except Exception as exc:  # a kernel that does not compile or launch fails its check, and the others still run
+            ok = False
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}",
+                  flush=True)
+            continue
         good = err <= limit
         ok &= good
         print(f"{'ok  ' if good else 'FAIL'} {name}: rel err {err:.2e} (limit {limit:.0e})", flush=True)
@@ -283,7 +384,8 @@ def run(device: str, only: tuple[str, ...] = ()) -> bool:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", default="", help="comma-separated prefixes of the check names to run (e.g. paged,prefill)")
+    p.add_argument("--only", default="", help="comma-separated prefixes of the check names to run (e.g. paged,prefill; "
+                                                "int8,fp8: the quantized kernels)")
     args = p.parse_args(argv)
     return 0 if run(args.device, tuple(filter(None, args.only.split(",")))) else 1
 

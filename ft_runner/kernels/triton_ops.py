@@ -22,6 +22,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ft_runner.kernels import next_pow2
 
 ACTIVATIONS = {None: 0, "gelu": 1, "relu": 2, "silu": 3, "gelu_exact": 4}
+TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def pdl(device: torch.device, programs: int) -> bool:
@@ -189,15 +190,19 @@ def _gemv_accumulate(acc, acc_up, s1, s2, w, u, x_ptr, nw_ptr, nb_ptr, k, K, mea
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, g_ptr, c_ptr, N, K, stride_wn, act_cols, eps,
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, g_ptr, c_ptr, ws_ptr, xs_ptr, N, K, stride_wn,
+                 act_cols, eps,
                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                  FOLDED: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EVEN_N: tl.constexpr,
-                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                 EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_SCALED: tl.constexpr,
+                 X_SCALED: tl.constexpr, PDL: tl.constexpr):
     """NORM (1 layernorm, 2 RMSNorm) normalises x on the fly. FOLDED: with G = W g and C = W b
     precomputed, norm(x) W^T = rstd (sum_k x_k g_k W_nk - mean G_n) + C_n, so the statistics
     accumulate in the same loop as the product and no program makes a separate pass over x.
     Under PDL the first weight tile (at K <= BLOCK_K, all of the program's weights) is loaded
-    before waiting for the previous kernel."""
+    before waiting for the previous kernel. W_SCALED: W is int8 or e4m3 (converted to fp32 as it is
+    read) and each output is multiplied by its channel's scale ws[n] (no norm then); X_SCALED: x is
+    e4m3 too, over the scale xs[0]."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     EVEN: tl.constexpr = EVEN_N and EVEN_K
@@ -238,6 +243,15 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, g_ptr, c
     y = tl.sum(acc, axis=1)
     if GATED:
         up = tl.sum(acc_up, axis=1)
+    if W_SCALED:
+        y *= tl.load(ws_ptr + n, mask=n_mask, other=0.0)
+        if GATED:
+            up *= tl.load(ws_ptr + N + n, mask=n_mask, other=0.0)
+    if X_SCALED:
+        x_scale = tl.load(xs_ptr)
+        y *= x_scale
+        if GATED:
+            up *= x_scale
     if FOLDED:
         mean = tl.sum(s1, axis=0) / K if NORM == 1 else 0.0
         rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(s2, axis=0) / K - mean * mean, 0.0) + eps)
@@ -267,38 +281,46 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, nw_ptr, nb_ptr, g_ptr, c
     tl.store(out_ptr + n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _gemv_config(N: int, K: int) -> tuple[int, int, int]:
+def _gemv_config(N: int, K: int, elem: int = 2) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps); FT_RUNNER_GEMV="bn,bk,warps" overrides (for tuning).
 
     Measured on an H200 (benchmarks/microbench.py --sweep): 4 rows x 1024 columns per program is
-    at or near the best for every decode shape from 1024x1024 to 50400x4096.
+    at or near the best for every decode shape from 1024x1024 to 50400x4096. One-byte (quantized)
+    weights take 8 rows, the same bytes a tile (not measured yet).
     """
     forced = os.environ.get("FT_RUNNER_GEMV")
     if forced:
         bn, bk, warps = (int(v) for v in forced.split(","))
         return bn, min(bk, next_pow2(K)), warps
-    return 4, min(512 if N >= 16384 and K <= 1024 else 1024, next_pow2(K)), 8 if N <= 1024 else 4
+    rows = 8 if elem == 1 else 4
+    return rows, min(512 if N >= 16384 and K <= 1024 else 1024, next_pow2(K)), 8 if N <= 1024 else 4
 
 
-def gemv(x, weight, bias, act, gated, act_cols, out, norm=None, residual=None):
+def gemv(x, weight, bias, act, gated, act_cols, out, norm=None, residual=None, w_scale=None, x_scale=None,
+         dtype=None):
     """See ops.linear (M == 1). norm: (weight, bias, eps, rms[, G, C]) applied to x first; with the
-    folded sums G = W weight and C = W bias (fp32) the kernel skips its pass over x (see the kernel)."""
+    folded sums G = W weight and C = W bias (fp32) the kernel skips its pass over x (see the kernel).
+    w_scale (N,) fp32: `weight` is int8 or e4m3 per output channel; x_scale (1,) fp32: x is e4m3 too
+    (no norm with either); dtype: the output's (default x's)."""
     n_out = weight.shape[0] // (2 if gated else 1)
     K = weight.shape[1]
     assert x.stride(-1) == 1 and weight.stride(1) == 1
+    assert w_scale is None or norm is None, "a quantized GEMV takes normed activations"
     if out is None:
-        out = torch.empty((1, n_out), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = _gemv_config(n_out, K)
+        out = torch.empty((1, n_out), dtype=dtype or x.dtype, device=x.device)
+    block_n, block_k, warps = _gemv_config(n_out, K, weight.element_size())
     nw, nb, eps, rms, g, c = (*norm, None, None)[:6] if norm is not None else (weight, None, 0.0, False, None, None)
     folded = norm is not None and g is not None and (nb is None or c is not None)
     on = pdl(x.device, triton.cdiv(n_out, block_n))
     _gemv_kernel[(triton.cdiv(n_out, block_n),)](
-        x, weight, bias if bias is not None else weight, residual if residual is not None else weight, out,
-        nw, nb if nb is not None else weight, g if g is not None else weight, c if c is not None else weight,
+        x, weight, bias if bias is not None else out, residual if residual is not None else out, out,
+        nw, nb if nb is not None else out, g if g is not None else out, c if c is not None else out,
+        w_scale if w_scale is not None else out, x_scale if x_scale is not None else out,
         n_out, K, weight.stride(0), n_out if act_cols is None else act_cols, eps,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=gated, NORM=0 if norm is None else (2 if rms else 1),
         FOLDED=folded, HAS_NORM_BIAS=nb is not None, HAS_RES=residual is not None, EVEN_N=n_out % block_n == 0,
-        EVEN_K=K % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, PDL=on, launch_pdl=on, num_warps=warps)
+        EVEN_K=K % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, W_SCALED=w_scale is not None,
+        X_SCALED=x_scale is not None, PDL=on, launch_pdl=on, num_warps=warps)
     return out
 
 
@@ -363,11 +385,12 @@ def _skinny_tile(rows, k, k_stop, row_mask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, part_ptr, count_ptr, M, N, K, k_chunk, splits,
-                        stride_x, stride_w, stride_res, stride_out, act_cols,
+def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, part_ptr, count_ptr, ws_ptr, xs_ptr, M, N, K, k_chunk,
+                        splits, stride_x, stride_w, stride_res, stride_out, act_cols,
                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
                         EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                        IEEE: tl.constexpr, PDL: tl.constexpr):
+                        IEEE: tl.constexpr, COMPUTE: tl.constexpr, W_SCALED: tl.constexpr, X_SCALED: tl.constexpr,
+                        PDL: tl.constexpr):
     """out (M, N) = act(x W^T + b) + residual for a few rows x (M <= BLOCK_M), W (N, K), as ops.linear.
 
     Swap-AB: a program multiplies a [BLOCK_N, BLOCK_K] weight tile by the rows' [BLOCK_M, BLOCK_K]
@@ -377,6 +400,10 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, part_ptr, count_p
     of a column tile to finish (an atomic count) adds them up in split order (the result does not
     depend on timing), applies bias, activation and residual, and resets the count. GATED: rows
     [0, N) are the gate and [N, 2N) the up projection; out = act(gate) * up.
+
+    W_SCALED: W is int8 or e4m3, converted to the model dtype COMPUTE in registers (exact: |q| <= 127,
+    and e4m3 values are fp16/bf16 values) before the product; the epilogue multiplies each output
+    channel by ws[n] (and row m by xs[m] where X_SCALED: x is e4m3 too, one scale a row).
 
     (A norm folded in here, x normalised tile by tile from row sums left by the GEMM before, made
     whole steps slower on an H200: gpt2-medium batch 32 1.08 -> 1.36 ms, GPT-J 4.0 -> 5.5.)"""
@@ -395,15 +422,15 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, part_ptr, count_p
     k_start = pid_k * k_chunk
     k_stop = tl.minimum(k_start + k_chunk, K)
     for k0 in range(k_start, k_stop, BLOCK_K):
-        x = tl.trans(_skinny_tile(x_rows, k0 + k, k_stop, m_mask, EVEN_K))
-        w = _skinny_tile(w_rows, k0 + k, k_stop, n_mask, EVEN_K)
+        x = tl.trans(_skinny_tile(x_rows, k0 + k, k_stop, m_mask, EVEN_K)).to(COMPUTE)
+        w = _skinny_tile(w_rows, k0 + k, k_stop, n_mask, EVEN_K).to(COMPUTE)
         acc = tl.dot(w, x, acc, input_precision="ieee" if IEEE else None)
         if GATED:
-            u = _skinny_tile(w_rows + N * stride_w, k0 + k, k_stop, n_mask, EVEN_K)
+            u = _skinny_tile(w_rows + N * stride_w, k0 + k, k_stop, n_mask, EVEN_K).to(COMPUTE)
             acc_up = tl.dot(u, x, acc_up, input_precision="ieee" if IEEE else None)
     if splits == 1:
-        _skinny_epilogue(acc, acc_up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, N, stride_res, stride_out,
-                         act_cols, HAS_BIAS, ACT, GATED, HAS_RES)
+        _skinny_epilogue(acc, acc_up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, ws_ptr, xs_ptr, N, stride_res,
+                         stride_out, act_cols, HAS_BIAS, ACT, GATED, HAS_RES, W_SCALED, X_SCALED)
     else:
         SLOT: tl.constexpr = BLOCK_N * BLOCK_M * (2 if GATED else 1)
         tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_M + m[None, :]
@@ -421,14 +448,24 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, res_ptr, out_ptr, part_ptr, count_p
                 if GATED:
                     acc_up += tl.load(slot + BLOCK_N * BLOCK_M + tile, cache_modifier=".cg")
             tl.store(count_ptr + pid_n, 0)
-            _skinny_epilogue(acc, acc_up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, N, stride_res,
-                             stride_out, act_cols, HAS_BIAS, ACT, GATED, HAS_RES)
+            _skinny_epilogue(acc, acc_up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, ws_ptr, xs_ptr, N,
+                             stride_res, stride_out, act_cols, HAS_BIAS, ACT, GATED, HAS_RES, W_SCALED, X_SCALED)
 
 
 @triton.jit
-def _skinny_epilogue(y, up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, N, stride_res, stride_out, act_cols,
-                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr):
-    """Bias, activation and residual on the fp32 tile y [BLOCK_N, BLOCK_M]; stored transposed."""
+def _skinny_epilogue(y, up, n, n_mask, m, m_mask, b_ptr, res_ptr, out_ptr, ws_ptr, xs_ptr, N, stride_res, stride_out,
+                     act_cols, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
+                     W_SCALED: tl.constexpr, X_SCALED: tl.constexpr):
+    """Scales, bias, activation and residual on the fp32 tile y [BLOCK_N, BLOCK_M]; stored transposed."""
+    if W_SCALED:
+        y *= tl.load(ws_ptr + n, mask=n_mask, other=0.0)[:, None]
+        if GATED:
+            up *= tl.load(ws_ptr + N + n, mask=n_mask, other=0.0)[:, None]
+    if X_SCALED:
+        row_scale = tl.load(xs_ptr + m, mask=m_mask, other=0.0)[None, :]
+        y *= row_scale
+        if GATED:
+            up *= row_scale
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     if GATED:
@@ -485,15 +522,19 @@ def _sm_count(index) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 132
 
 
-def skinny_linear(x, weight, bias, act, gated, act_cols, out, residual=None):
-    """See ops.linear (2 <= M <= SKINNY_MAX_ROWS, no norm)."""
+def skinny_linear(x, weight, bias, act, gated, act_cols, out, residual=None, w_scale=None, x_scale=None,
+                  dtype=None):
+    """See ops.linear (2 <= M <= SKINNY_MAX_ROWS, no norm); w_scale, x_scale and dtype as in gemv
+    (x_scale (M,): one a row)."""
     M, K = x.shape
     N = weight.shape[0] // (2 if gated else 1)
     assert x.stride(-1) == 1 and weight.stride(1) == 1 and M <= SKINNY_MAX_ROWS
+    dtype = dtype or x.dtype
     if out is None:
-        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        out = torch.empty((M, N), dtype=dtype, device=x.device)
     block_m = max(16, next_pow2(M))  # the rows padded to the MMA's narrow side
-    block_n, block_k, splits, warps, stages = _skinny_config(N, K, block_m, gated, x.element_size(),
+    # tiles are sized for the model dtype: one-byte weights and activations are converted to it in registers
+    block_n, block_k, splits, warps, stages = _skinny_config(N, K, block_m, gated, dtype.itemsize,
                                                               _sm_count(x.device.index))
     k_chunk = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, k_chunk)
@@ -502,13 +543,92 @@ def skinny_linear(x, weight, bias, act, gated, act_cols, out, residual=None):
                                              dtype=torch.float32, device=x.device)
     on = pdl(x.device, tiles * splits)
     _skinny_gemm_kernel[(tiles, splits)](
-        x, weight, bias if bias is not None else weight, residual if residual is not None else x, out, part,
-        _counters(x.device, tiles), M, N, K, k_chunk, splits, x.stride(0), weight.stride(0),
+        x, weight, bias if bias is not None else out, residual if residual is not None else out, out, part,
+        _counters(x.device, tiles), w_scale if w_scale is not None else out, x_scale if x_scale is not None else out,
+        M, N, K, k_chunk, splits, x.stride(0), weight.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0), N if act_cols is None else act_cols,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], GATED=gated, HAS_RES=residual is not None,
         EVEN_K=K % block_k == 0, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=block_k,
-        IEEE=x.dtype == torch.float32, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
+        IEEE=dtype == torch.float32, COMPUTE=TL_DTYPES[dtype], W_SCALED=w_scale is not None,
+        X_SCALED=x_scale is not None, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
     return out
+
+
+def quantized_linear(x, x_scale, q, w_scale, dtype, bias, act, gated, act_cols, out, residual):
+    """See ops.quantized_linear (1..SKINNY_MAX_ROWS rows): the GEMV or the few-row GEMM on int8 / e4m3
+    weights (q (N, K), w_scale (N,) fp32) and x in `dtype` (int8_wo) or e4m3 (x_scale (M,) fp32)."""
+    if x.shape[0] == 1 and os.environ.get("FT_RUNNER_GEMV", "") != "cublas":
+        return gemv(x, q, bias, act, gated, act_cols, out, None, residual, w_scale, x_scale, dtype)
+    return skinny_linear(x, q, bias, act, gated, act_cols, out, residual, w_scale, x_scale, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization: e4m3 rows of activations, int8 weights for cuBLAS, e4m3 products
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, stride_x, K, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """Row `program_id` of x -> e4m3 over its own scale max|x| / 448 (model.quant.quantize_rows_fp8)."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    src = x_ptr + row.to(tl.int64) * stride_x
+    _wait_for_inputs(PDL)
+    top = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        top = tl.maximum(top, tl.abs(tl.load(src + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)))
+    scale = tl.maximum(tl.max(top, axis=0) / 448.0, 1e-12)
+    tl.store(s_ptr + row, scale)
+    dst = q_ptr + row.to(tl.int64) * K
+    for k0 in range(0, K, BLOCK):
+        mask = k0 + cols < K
+        v = tl.math.div_rn(tl.load(src + k0 + cols, mask=mask, other=0.0).to(tl.float32), scale)
+        tl.store(dst + k0 + cols, tl.clamp(v, -448.0, 448.0).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_rows_fp8(x):
+    """See ops.quantize_rows_fp8."""
+    M, K = x.shape
+    assert x.stride(-1) == 1
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((M,), dtype=torch.float32, device=x.device)
+    on = pdl(x.device, M)
+    _quantize_rows_kernel[(M,)](x, q, scale, x.stride(0), K, BLOCK=min(2048, next_pow2(K)), PDL=on, launch_pdl=on,
+                                num_warps=4)
+    return q, scale
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, out_ptr, K, BLOCK: tl.constexpr):
+    n = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < K
+    offs = n.to(tl.int64) * K + cols
+    w = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32) * tl.load(s_ptr + n)
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(q, scale, dtype):
+    """scale[n] * q[n, k] (N, K) in `dtype`: an int8 weight for cuBLAS (ops.quantized_linear, more
+    than SKINNY_MAX_ROWS rows)."""
+    N, K = q.shape
+    out = torch.empty((N, K), dtype=dtype, device=q.device)
+    block = min(1024, next_pow2(K))
+    _dequantize_kernel[(N, triton.cdiv(K, block))](q, scale, out, K, BLOCK=block, num_warps=4)
+    return out
+
+
+def fp8_matmul(xq, x_scale, q, w_scale, dtype):
+    """(x_scale[m] w_scale[n] sum_k xq[m, k] q[n, k]) (M, N) for e4m3 xq (M, K) and q (N, K), through
+    torch._scaled_mm's row-wise scaling (cuBLASLt / CUTLASS on FP8 tensor cores). Its row-wise kernels
+    write bf16 only: the product comes back in bf16, the epilogue (ops) casts it to `dtype`. Shapes
+    it cannot take (K or N not a multiple of 16) are dequantized for cuBLAS instead."""
+    M, K = xq.shape
+    N = q.shape[0]
+    if K % 16 or N % 16:
+        x = (xq.float() * x_scale[:, None]).to(dtype)
+        return torch.nn.functional.linear(x, (q.float() * w_scale[:, None]).to(dtype))
+    return torch._scaled_mm(xq, q.t(), scale_a=x_scale[:, None].contiguous(), scale_b=w_scale[None, :].contiguous(),
+                            out_dtype=torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,13 +655,21 @@ def _rope(x_ptr, d, x, pos, cos_ptr, sin_ptr, ROT: tl.constexpr, INTERLEAVED: tl
 
 
 @triton.jit
+def _to_cache(x, scale, dtype: tl.constexpr, SCALED: tl.constexpr):
+    """fp32 keys or values as a cache of `dtype` stores them: e4m3(x / scale), saturated, when SCALED."""
+    if SCALED:
+        x = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+    return x.to(dtype)
+
+
+@triton.jit
 def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct,
                              pos_ptr, cos_ptr, sin_ptr, out_ptr, stride_out, part_ptr, count_ptr, scale,
-                             bt_ptr, stride_bt,
+                             bt_ptr, stride_bt, kv_scale_ptr,
                              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              ROT: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr,
                              KV_PER_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr,
-                             PAGE: tl.constexpr, PDL: tl.constexpr):
+                             PAGE: tl.constexpr, KV_SCALED: tl.constexpr, PDL: tl.constexpr):
     """Program (b, g, split) attends for KV_PER_PROGRAM KV heads (g's) and all their query heads at
     once, the rows of a [BLOCK_M, BLOCK_D] tile (padded to 16 rows for the tensor cores), so each key
     and value is read once. A key tile holds BLOCK_T positions of each of those KV heads; a row's
@@ -557,13 +685,24 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
 
     PAGE > 0: the cache is paged, (num_blocks, kv_heads, PAGE, D), and row b's position t lives in
     block bt[b, t // PAGE] at offset t % PAGE; each key of a tile looks its block up (a tile may
-    span several blocks). A row with pos < 0 is padding: it writes nothing and outputs zeros."""
+    span several blocks). A row with pos < 0 is padding: it writes nothing and outputs zeros.
+
+    KV_SCALED: the cache holds e4m3 over the scales kv_scale[0] (keys) and [1] (values); the new
+    token is stored rounded so, and attended to as stored. Products run in qkv's dtype: q carries
+    the key scale, the output the value scale."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     ROWS: tl.constexpr = KV_PER_PROGRAM * GROUP
-    IEEE: tl.constexpr = k_cache.dtype.element_ty == tl.float32
+    COMPUTE: tl.constexpr = qkv_ptr.dtype.element_ty
+    IEEE: tl.constexpr = COMPUTE == tl.float32
+    if KV_SCALED:
+        k_scale = tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
     _wait_for_inputs(PDL)
     pos = tl.load(pos_ptr + b).to(tl.int32)
     if PAGE > 0:
@@ -585,7 +724,7 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
     q = tl.load(q_rows + d[None, :], mask=qm, other=0.0).to(tl.float32)
     if ROT > 0:
         q = _rope(q_rows, d[None, :], q, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED, qm)
-    q = (q * scale).to(k_cache.dtype.element_ty)
+    q = (q * (scale * k_scale)).to(COMPUTE)
     if split == 0:  # the new token, from registers; each KV head's first row appends it to the cache
         NEW_ROWS: tl.constexpr = 1 if KV_PER_PROGRAM == 1 else BLOCK_M  # one KV head: one row serves all
         n_r = tl.arange(0, NEW_ROWS)
@@ -594,9 +733,9 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
         k_new = tl.load(k_rows + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
         if ROT > 0:
             k_new = _rope(k_rows, d[None, :], k_new, pos, cos_ptr, sin_ptr, ROT, INTERLEAVED, dm[None, :])
-        k_new = k_new.to(k_cache.dtype.element_ty)
+        k_new = _to_cache(k_new, k_scale, k_cache.dtype.element_ty, KV_SCALED)
         v_new = tl.load(row + (HQ + HKV + n_kv)[:, None] * D + d[None, :], mask=dm[None, :], other=0.0)
-        v_new = v_new.to(v_cache.dtype.element_ty)
+        v_new = _to_cache(v_new.to(tl.float32), v_scale, v_cache.dtype.element_ty, KV_SCALED)
         appends = ((n_r < ROWS) & (n_r % GROUP == 0))[:, None] & dm[None, :]
         if PAGE > 0:
             block = tl.load(pages + pos // PAGE).to(tl.int64)
@@ -631,7 +770,7 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
             offs = (block * stride_cb + key_rows + (t % PAGE) * stride_ct)[:, None] + d[None, :]
         else:
             offs = (key_rows + t * stride_ct)[:, None] + d[None, :]
-        k = tl.load(k_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
+        k = tl.load(k_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0).to(COMPUTE)
         s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None)
         if KV_PER_PROGRAM == 1:
             s = tl.where(tm[None, :], s, float("-inf"))
@@ -640,13 +779,13 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
-        v = tl.load(v_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee" if IEEE else None)
+        v = tl.load(v_cache + offs, mask=tm[:, None] & dm[None, :], other=0.0).to(COMPUTE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(COMPUTE), v, input_precision="ieee" if IEEE else None)
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         m = m_new
     out = out_ptr + b * stride_out + hq[:, None] * D + d[None, :]
     if SPLITS == 1:
-        o = acc / l_sum[:, None]
+        o = acc * v_scale / l_sum[:, None]
         if PAGE > 0:
             o = tl.where(live, o, 0.0)
         tl.store(out, o.to(out_ptr.dtype.element_ty), mask=qm)
@@ -672,7 +811,7 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
                 norm += w * tl.load(slot + BLOCK_D + 1, mask=rm, other=0.0, cache_modifier=".cg")
                 total += w[:, None] * tl.load(slot[:, None] + d[None, :], mask=rm[:, None], other=0.0,
                                               cache_modifier=".cg")
-            o = total / norm[:, None]
+            o = total * v_scale / norm[:, None]
             if PAGE > 0:
                 o = tl.where(live, o, 0.0)
             tl.store(out, o.to(out_ptr.dtype.element_ty), mask=qm)
@@ -712,14 +851,17 @@ def decode_attention(qkv, k_cache, v_cache, positions, heads, kv_heads, head_dim
 
 
 def paged_decode_attention(qkv, k_cache, v_cache, block_tables, positions, heads, kv_heads, head_dim, scale,
-                           rotary, out):
+                           rotary, out, kv_scale=None):
     """See ops.paged_decode_attention."""
     return _launch_decode(qkv, k_cache, v_cache, positions, block_tables, heads, kv_heads, head_dim, scale, rotary,
-                          out)
+                          out, kv_scale)
 
 
-def _launch_decode(qkv, k_cache, v_cache, positions, block_tables, heads, kv_heads, head_dim, scale, rotary, out):
-    """_decode_attention_kernel over a contiguous cache (block_tables None) or a paged one."""
+def _launch_decode(qkv, k_cache, v_cache, positions, block_tables, heads, kv_heads, head_dim, scale, rotary, out,
+                   kv_scale=None):
+    """_decode_attention_kernel over a contiguous cache (block_tables None) or a paged one (e4m3 with
+    kv_scale (2,) fp32)."""
+    _check_kv_scale(k_cache, kv_scale)
     B = qkv.shape[0]
     block_d = max(16, next_pow2(head_dim))
     cos, sin, rot, interleaved = rotary if rotary is not None else (qkv, qkv, 0, False)
@@ -735,11 +877,19 @@ def _launch_decode(qkv, k_cache, v_cache, positions, block_tables, heads, kv_hea
     _decode_attention_kernel[programs](
         qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         positions, cos, sin, out, out.stride(0), part, _counters(qkv.device, B * kv_heads), scale,
-        tables, tables.stride(0),
+        tables, tables.stride(0), kv_scale if kv_scale is not None else part,
         HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=block_d, ROT=rot, INTERLEAVED=interleaved,
         BLOCK_T=block_t, KV_PER_PROGRAM=kv_per_program, BLOCK_M=max(16, next_pow2(kv_per_program * group)),
-        SPLITS=splits, PAGE=page, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
+        SPLITS=splits, PAGE=page, KV_SCALED=kv_scale is not None, PDL=on, launch_pdl=on, num_warps=warps,
+        num_stages=stages)
     return out
+
+
+def _check_kv_scale(k_cache, kv_scale) -> None:
+    """An e4m3 cache comes with its scales, and only an e4m3 cache: never read one as the other."""
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    assert fp8 == (kv_scale is not None), f"a {k_cache.dtype} cache with kv_scale {kv_scale}"
+    assert kv_scale is None or (kv_scale.dtype == torch.float32 and kv_scale.numel() == 2)
 
 
 def _page_size(k_cache, v_cache) -> int:
@@ -767,11 +917,11 @@ def _chunk_rows(cu_ptr, ctx_ptr, b, tile, BLOCK: tl.constexpr):
 
 @triton.jit
 def _paged_append_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct, bt_ptr, stride_bt,
-                         cu_ptr, ctx_ptr, cos_ptr, sin_ptr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
-                         BLOCK_D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr, PAGE: tl.constexpr,
-                         BLOCK_R: tl.constexpr, PDL: tl.constexpr):
+                         cu_ptr, ctx_ptr, cos_ptr, sin_ptr, kv_scale_ptr, HQ: tl.constexpr, HKV: tl.constexpr,
+                         D: tl.constexpr, BLOCK_D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
+                         PAGE: tl.constexpr, KV_SCALED: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr):
     """Program (tile, kv head, b): rotate the k of BLOCK_R tokens of sequence b's chunk and store k
-    and v in their cache blocks."""
+    and v in their cache blocks (e4m3 over kv_scale where KV_SCALED)."""
     tile = tl.program_id(0)
     kv = tl.program_id(1)
     b = tl.program_id(2)
@@ -789,8 +939,14 @@ def _paged_append_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, strid
     v = tl.load(rows + (HQ + HKV + kv) * D + d[None, :], mask=mask, other=0.0)
     block = tl.load(bt_ptr + b * stride_bt + p // PAGE, mask=im, other=0).to(tl.int64)
     slot = (block * stride_cb + kv * stride_ch + (p % PAGE) * stride_ct)[:, None] + d[None, :]
-    tl.store(k_cache + slot, k.to(k_cache.dtype.element_ty), mask=mask)
-    tl.store(v_cache + slot, v.to(v_cache.dtype.element_ty), mask=mask)
+    if KV_SCALED:
+        k_scale = tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
+    tl.store(k_cache + slot, _to_cache(k, k_scale, k_cache.dtype.element_ty, KV_SCALED), mask=mask)
+    tl.store(v_cache + slot, _to_cache(v.to(tl.float32), v_scale, v_cache.dtype.element_ty, KV_SCALED), mask=mask)
 
 
 @triton.jit
@@ -808,7 +964,7 @@ def _prefill_keys(acc, m, l_sum, q, p, t0, hi, k_cache, v_cache, pages, kv_row, 
         block = tl.load(pages + t // PAGE).to(tl.int64)
         kv_mask = dm[None, :]
     offs = (block * stride_cb + kv_row + (t % PAGE) * stride_ct)[:, None] + d[None, :]
-    k = tl.load(k_cache + offs, mask=kv_mask, other=0.0)
+    k = tl.load(k_cache + offs, mask=kv_mask, other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision="ieee" if IEEE else None) * qk_scale
     if HAS_ALIBI:
         s += slope * (t[None, :] - p[:, None]).to(tl.float32)
@@ -821,23 +977,24 @@ def _prefill_keys(acc, m, l_sum, q, p, t0, hi, k_cache, v_cache, pages, kv_row, 
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet (window) stays empty
     alpha = tl.math.exp2(m - m_safe)
     e = tl.math.exp2(s - m_safe[:, None])
-    v = tl.load(v_cache + offs, mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision="ieee" if IEEE else None)
+    v = tl.load(v_cache + offs, mask=kv_mask, other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(e.to(q.dtype), v, input_precision="ieee" if IEEE else None)
     return acc, m_new, l_sum * alpha + tl.sum(e, axis=1)
 
 
 @triton.jit
 def _prefill_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, stride_ch, stride_ct,
-                              bt_ptr, stride_bt, cu_ptr, ctx_ptr, cos_ptr, sin_ptr, slopes_ptr, out_ptr, stride_out,
-                              qk_scale, window, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
+                              bt_ptr, stride_bt, cu_ptr, ctx_ptr, cos_ptr, sin_ptr, kv_scale_ptr, slopes_ptr, out_ptr,
+                              stride_out, qk_scale, window, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr,
                               BLOCK_D: tl.constexpr, ROT: tl.constexpr, INTERLEAVED: tl.constexpr,
-                              PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                              HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, IEEE: tl.constexpr,
-                              PDL: tl.constexpr):
+                              PAGE: tl.constexpr, KV_SCALED: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                              IEEE: tl.constexpr, PDL: tl.constexpr):
     """Program (tile, head, b): flash attention for BLOCK_M queries of sequence b's chunk, one query
     head, over the keys in the cache (the chunk's own were stored by _paged_append_kernel). Tiles run
     longest first (the grid's tiles are reversed) and those past a chunk's end return. Key tiles wholly
-    before the query tile's first position, and inside every row's window, need no mask."""
+    before the query tile's first position, and inside every row's window, need no mask. KV_SCALED:
+    an e4m3 cache, read in qkv's dtype; the scores carry the key scale, the output the value scale."""
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -855,7 +1012,12 @@ def _prefill_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, 
     if ROT > 0:
         q = _rope(q_rows, d[None, :], q.to(tl.float32), tl.where(im, p, 0)[:, None], cos_ptr, sin_ptr, ROT,
                   INTERLEAVED, qm)
-    q = q.to(k_cache.dtype.element_ty)
+    q = q.to(qkv_ptr.dtype.element_ty)
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(kv_scale_ptr)
+        v_scale = tl.load(kv_scale_ptr + 1)
+    else:
+        v_scale = 1.0
     if HAS_ALIBI:
         slope = tl.load(slopes_ptr + h) * 1.4426950408889634  # in the log2 domain, as the scores
     else:
@@ -889,7 +1051,7 @@ def _prefill_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, 
                                       stride_ct, d, dm, qk_scale, slope, window, PAGE, BLOCK_N, True, HAS_WINDOW,
                                       HAS_ALIBI, IEEE)
     out = out_ptr + (first + i)[:, None].to(tl.int64) * stride_out + h * D + d[None, :]
-    tl.store(out, (acc / l_sum[:, None]).to(out_ptr.dtype.element_ty), mask=qm)
+    tl.store(out, (acc * v_scale / l_sum[:, None]).to(out_ptr.dtype.element_ty), mask=qm)
 
 
 def _prefill_config(block_d: int, elem: int) -> tuple[int, int, int, int]:
@@ -905,29 +1067,32 @@ def _prefill_config(block_d: int, elem: int) -> tuple[int, int, int, int]:
 
 
 def prefill_attention(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len, heads, kv_heads,
-                      head_dim, scale, rotary, window, slopes, out):
+                      head_dim, scale, rotary, window, slopes, out, kv_scale=None):
     """See ops.prefill_attention: store the chunks' k and v, then attend (a second launch: a query
     tile's keys come from other programs' tokens)."""
+    _check_kv_scale(k_cache, kv_scale)
     args = (qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len, heads, kv_heads, head_dim,
-            rotary)
+            rotary, kv_scale)
     append_chunks(*args)
     return attend_chunks(*args, scale, window, slopes, out)
 
 
-def _chunk_args(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, heads, kv_heads, head_dim, rotary):
+def _chunk_args(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, heads, kv_heads, head_dim, rotary,
+                kv_scale):
     """The arguments and constexprs _paged_append_kernel and _prefill_attention_kernel share."""
     cos, sin, rot, interleaved = rotary if rotary is not None else (qkv, qkv, 0, False)
     args = (qkv, qkv.stride(0), k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            block_tables, block_tables.stride(0), cu_seqlens, context_lens, cos, sin)
+            block_tables, block_tables.stride(0), cu_seqlens, context_lens, cos, sin,
+            kv_scale if kv_scale is not None else cu_seqlens)
     return args, dict(HQ=heads, HKV=kv_heads, D=head_dim, BLOCK_D=max(16, next_pow2(head_dim)), ROT=rot,
-                      INTERLEAVED=interleaved, PAGE=_page_size(k_cache, v_cache))
+                      INTERLEAVED=interleaved, PAGE=_page_size(k_cache, v_cache), KV_SCALED=kv_scale is not None)
 
 
 def append_chunks(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len, heads, kv_heads,
-                  head_dim, rotary):
+                  head_dim, rotary, kv_scale=None):
     """prefill_attention's first launch: rotate and store every chunk token's k and v."""
     args, common = _chunk_args(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, heads, kv_heads,
-                               head_dim, rotary)
+                               head_dim, rotary, kv_scale)
     block_r = 16
     grid = (triton.cdiv(max_query_len, block_r), kv_heads, cu_seqlens.shape[0] - 1)
     on = pdl(qkv.device, math.prod(grid))
@@ -935,17 +1100,17 @@ def append_chunks(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens,
 
 
 def attend_chunks(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, max_query_len, heads, kv_heads,
-                  head_dim, rotary, scale, window, slopes, out):
+                  head_dim, rotary, kv_scale, scale, window, slopes, out):
     """prefill_attention's second launch: the attention, over the cache append_chunks filled."""
     args, common = _chunk_args(qkv, k_cache, v_cache, block_tables, cu_seqlens, context_lens, heads, kv_heads,
-                               head_dim, rotary)
-    block_m, block_n, warps, stages = _prefill_config(common["BLOCK_D"], k_cache.element_size())
+                               head_dim, rotary, kv_scale)
+    block_m, block_n, warps, stages = _prefill_config(common["BLOCK_D"], qkv.element_size())
     grid = (triton.cdiv(max_query_len, block_m), heads, cu_seqlens.shape[0] - 1)
     on = pdl(qkv.device, math.prod(grid))
     _prefill_attention_kernel[grid](
         *args, slopes if slopes is not None else qkv, out, out.stride(0), scale * 1.4426950408889634, window,
         **common, BLOCK_M=block_m, BLOCK_N=block_n, HAS_WINDOW=window > 0, HAS_ALIBI=slopes is not None,
-        IEEE=k_cache.dtype == torch.float32, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
+        IEEE=qkv.dtype == torch.float32, PDL=on, launch_pdl=on, num_warps=warps, num_stages=stages)
     return out
 
 

@@ -85,10 +85,11 @@ class Attention(nn.Module):
         if config.use_attention_linear_bias:
             self.slopes = alibi_slopes(config.head_num)[grid.tp_rank * self.heads:(grid.tp_rank + 1) * self.heads]
 
-    def forward(self, x, cache_k, cache_v, step: Step):
-        """x (B, S, H); caches (B, kv_heads, T, head_dim), or paged (one layer of PagedKVCache)."""
+    def forward(self, x, cache_k, cache_v, step: Step, kv_scale=None):
+        """x (B, S, H); caches (B, kv_heads, T, head_dim), or paged (one layer of PagedKVCache, with
+        its (2,) scales if it holds e4m3)."""
         if step.paged is not None:
-            return self._forward_paged(x, cache_k, cache_v, step)
+            return self._forward_paged(x, cache_k, cache_v, step, kv_scale)
         B, S, _ = x.shape
         qkv = self.qkv(x).view(B, S, self.heads + 2 * self.kv_heads, self.head_dim).transpose(1, 2)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)  # (B, heads, S, head_dim)
@@ -107,7 +108,7 @@ class Attention(nn.Module):
                                              enable_gqa=self.kv_heads != self.heads)
         return self.dense(out.transpose(1, 2).reshape(B, S, -1))
 
-    def _forward_paged(self, x, cache_k, cache_v, step: Step):
+    def _forward_paged(self, x, cache_k, cache_v, step: Step, kv_scale=None):
         """x (1, N, H): the step's tokens of every sequence, flat; the paged cache's pages of one layer."""
         N = x.shape[1]
         qkv = self.qkv(x[0]).view(N, self.heads + 2 * self.kv_heads, self.head_dim)
@@ -119,7 +120,7 @@ class Attention(nn.Module):
         slopes = self.slopes.to(x.device) if self.slopes is not None else None
         out = ops.prefill_attention(qkv.reshape(N, -1), cache_k, cache_v, p.block_tables, p.cu_seqlens,
                                     p.context_lens, p.max_query_len, self.heads, self.kv_heads, self.head_dim,
-                                    self.head_dim ** -0.5, None, self.window, slopes)
+                                    self.head_dim ** -0.5, None, self.window, slopes, kv_scale=kv_scale)
         return self.dense(out)[None]
 
     def _mask(self, step: Step, key_len: int, dtype):
@@ -164,12 +165,12 @@ class Block(nn.Module):
         self.post_norm = config.layernorm_type == "post_layernorm"
         self.parallel = config.use_gptj_residual
 
-    def forward(self, h, cache_k, cache_v, step: Step):
+    def forward(self, h, cache_k, cache_v, step: Step, kv_scale=None):
         if self.post_norm:  # OPT-350m: normalise after each residual add
-            h = self.ln1(h + self.attn(h, cache_k, cache_v, step))
+            h = self.ln1(h + self.attn(h, cache_k, cache_v, step, kv_scale))
             return self.ln2(h + self.mlp(h))
         x = self.ln1(h)
-        attn = self.attn(x, cache_k, cache_v, step)
+        attn = self.attn(x, cache_k, cache_v, step, kv_scale)
         if self.parallel:  # GPT-J (one shared norm) and GPT-NeoX: attention and MLP read the same residual
             return h + attn + self.mlp(x if self.ln2 is None else self.ln2(h))
         h = h + attn
@@ -193,6 +194,11 @@ class GPTStage(nn.Module):
                                       bias=config.has_lm_head_bias) if last else None
         self.rotary = Rotary(config) if config.rotary_embedding else None
         self.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the layers' projections may hold int8 or e4m3 weights)."""
+        return self.layers[0].ln1.weight.dtype
 
     def embed(self, ids, positions):
         """ids, positions (B, S) -> (B, S, H)."""
@@ -224,7 +230,7 @@ class GPTStage(nn.Module):
             rope = self.rotary.tables(paged.positions[:, None], paged.seq_lens)
         step = Step(True, paged.positions[None], rope, paged)
         for layer, block in enumerate(self.layers):
-            h = block(h, cache.k[layer], cache.v[layer], step)
+            h = block(h, cache.k[layer], cache.v[layer], step, cache.scale(layer))
         return h
 
     def logits(self, h):

@@ -1,6 +1,8 @@
 """Tensor-parallel layers: the model body calls these and reads like single-device code.
 
-Weights are held as [out, in] (torch's Linear layout) for the local shard.
+Weights are held as [out, in] (torch's Linear layout) for the local shard. A quantized projection
+(model/quant.py) holds int8 or e4m3 `weight` with fp32 per-output-channel `weight_scale`, and runs
+through ops.linear (Triton on GPUs); the others through F.linear.
 """
 
 from __future__ import annotations
@@ -17,29 +19,58 @@ def all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor
     return x
 
 
-class ColumnParallelLinear(nn.Module):
+class _Linear(nn.Module):
+    def __init__(self, out_features: int, in_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.weight_scale = None  # (out,) fp32 once quantized
+        self.quant = None  # None, or the quantization (int8_wo, fp8) of `weight`
+
+    def set_quantized(self, qw) -> None:
+        """Hold a QuantizedWeight (model/quant.py) of this shard's weight instead of the weight."""
+        assert qw.q.shape == self.weight.shape, (qw.q.shape, self.weight.shape)
+        self.weight = nn.Parameter(qw.q, requires_grad=False)
+        self.weight_scale = nn.Parameter(qw.scale, requires_grad=False)
+        self.quant = qw.kind
+
+    @property
+    def qweight(self):
+        """The weight as ops.linear takes it: the tensor, or its QuantizedWeight."""
+        if self.quant is None:
+            return self.weight
+        from ft_runner.model.quant import QuantizedWeight
+
+        return QuantizedWeight(self.weight, self.weight_scale, self.quant)
+
+    def _product(self, x, bias):
+        if self.quant is None:
+            return F.linear(x, self.weight, bias)
+        from ft_runner.kernels import ops  # ops imports this module
+
+        flat = ops.linear(x.reshape(-1, x.shape[-1]), self.qweight, bias)
+        return flat.view(*x.shape[:-1], flat.shape[-1])
+
+
+class ColumnParallelLinear(_Linear):
     """y_local = x W_local^T + b_local: each rank computes its slice of the output features."""
 
     def __init__(self, in_features: int, out_local: int, bias: bool = True):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_local, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_local), requires_grad=False) if bias else None
+        super().__init__(out_local, in_features, bias)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+        return self._product(x, self.bias)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Linear):
     """y = sum over ranks of x_local W_local^T, then + b (added once, after the reduce)."""
 
     def __init__(self, in_local: int, out_features: int, group, bias: bool = True):
-        super().__init__()
+        super().__init__(out_features, in_local, bias)
         self.group = group
-        self.weight = nn.Parameter(torch.empty(out_features, in_local), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x):
-        y = all_reduce(F.linear(x, self.weight), self.group)
+        y = all_reduce(self._product(x, None), self.group)
         return y if self.bias is None else y + self.bias
 
 

@@ -16,7 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ft_runner.config import ConfigError
+from ft_runner.config import ConfigError, QuantConfig
 
 LOG = logging.getLogger("ft_runner")
 # After a fault, rank 0 gives the failed requests' errors this long to reach their clients, and the
@@ -39,8 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the rank's local GPU if there are GPUs, else the CPU")
     p.add_argument("--data-type", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="inference dtype (auto: fp16 on GPUs, fp32 on CPUs)")
-    p.add_argument("--weight-data-type", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="dtype of the converted files (None: the inference dtype)")
+    p.add_argument("--weight-data-type", choices=("fp32", "fp16", "bf16", "int8"), default=None,
+                   help="dtype of the converted files (None: the inference dtype; int8: the layers' kernels "
+                        "per-output-channel int8, served with --quantization int8_wo)")
+    p.add_argument("--quantization", choices=("none", "int8_wo", "fp8"), default=None,
+                   help="int8_wo: int8 weights, activations in --data-type (FT's --int8-mode 1); fp8: e4m3 weights "
+                        "and per-token e4m3 activations (GPUs with FP8: sm_89+). The layers' projections only: "
+                        "embeddings and the LM head stay in --data-type (None: none, int8_wo for an int8 checkpoint)")
+    p.add_argument("--int8-mode", type=int, choices=(0, 1, 2), default=0,
+                   help="FT's name: 1 = --quantization int8_wo (2, SmoothQuant, is refused)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="the in-flight engine's paged KV cache: auto = --data-type; fp8 = e4m3, one scale per layer "
+                        "(GPUs with FP8)")
     p.add_argument("--model-name", default=None,
                    help="served model name (None: the model name with non-word characters replaced by _)")
     p.add_argument("--token-model-name", default="fastertransformer",
@@ -164,6 +174,8 @@ def _serve(args, comm) -> int:
     quiet_known_noise(cpu=runtime.device.type != "cuda")  # every rank: see quiet.py
     dtype = args.data_type if args.data_type != "auto" else ("fp16" if runtime.device.type == "cuda" else "fp32")
     weight_dtype = args.weight_data_type or dtype
+    quant = QuantConfig.from_flags(args.quantization, args.int8_mode, args.kv_cache_dtype, args.weight_data_type)
+    parallel.agree(comm, lambda: quant.check_device(runtime.device))  # before converting anything
 
     def prepare() -> str:
         _check_ports(args)
@@ -173,7 +185,7 @@ def _serve(args, comm) -> int:
         return f"{path}\n{args.model_name or source.key}"
 
     ckpt, model_name = parallel.from_root(comm, prepare).split("\n")
-    stage = parallel.agree(comm, lambda: _load(load_stage, Path(ckpt), runtime, dtype))
+    stage = parallel.agree(comm, lambda: _load(load_stage, Path(ckpt), runtime, dtype, quant))
     if runtime.rank == 0:  # agree() is an allgather: every rank holds its shard by now
         LOG.info("all %d ranks loaded their shards", runtime.grid.world)
     generator = Generator(stage, runtime)
@@ -211,7 +223,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _load(load_stage, ckpt: Path, runtime, dtype: str):
+def _load(load_stage, ckpt: Path, runtime, dtype: str, quant):
     """This rank's stage; running out of memory becomes one actionable ConfigError."""
     import torch
 
@@ -220,12 +232,12 @@ def _load(load_stage, ckpt: Path, runtime, dtype: str):
     grid = runtime.grid
     try:
         faults.during_load(grid.rank)
-        return load_stage(ckpt, grid, runtime.tp_group, dtype, runtime.device)
+        return load_stage(ckpt, grid, runtime.tp_group, dtype, runtime.device, quant)
     except (torch.OutOfMemoryError, MemoryError) as exc:
         raise ConfigError(
             f"rank {grid.rank} (TP {grid.tp_rank}, PP {grid.pp_rank}) ran out of {runtime.device.type} memory "
-            f"loading its {dtype} shard ({_one_line(exc)}): "
-            "spread the model over more ranks (--tp/--pp), use a smaller --data-type, or free memory") from None
+            f"loading its {dtype} shard ({_one_line(exc)}): spread the model over more ranks (--tp/--pp), use a "
+            "smaller --data-type or --quantization, or free memory") from None
 
 
 def _serve_worker(runner, generator, channel) -> None:
