@@ -226,7 +226,8 @@ class ModelRunner:
                         np.arange(pages, dtype=np.int32)[None], 0, np.zeros(1, dtype=np.int64),
                         np.array([n], dtype=np.int64))
         batch = dataclasses.replace(self.to_device(plan), last=torch.arange(n, device=self.device))
-        return self._to_rank0(self.forward(batch), n)
+        self._hand_over(self.forward(batch), n)
+        return self.collect() if self.grid.rank == 0 else None
 
     def fill_pending(self, tokens: torch.Tensor, plan: StepPlan, previous: torch.Tensor | None) -> None:
         """Rank 0 writes the pending tokens from the previous step's samples, on the device, and
