@@ -273,6 +273,39 @@ for s in "$@"; do
       echo "-- $qk"; summary "$OUT/quant_llama_${qk%:*}.log"
     done
     ;;
+  final)
+    # one call for what is left (issue #19's kernels, accuracy and speed; issue #17/#20's re-measure after
+    # 73374a8's aligned prefill tables; 1000/1000 last, capped so that the call ends in time)
+    SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --results $OUT/results"
+    WIDE="--max-num-seqs 1024 --max-num-batched-tokens 16384"
+    summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|truncated|Error|error" "$1" | tail -16; }
+    step quant-kernels
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -m ft_runner.kernels.selfcheck --only int8,fp8 > "$OUT/selfcheck_quant.log" 2>&1
+    grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck_quant.log" | cut -c1-200 | tail -8
+    step quant-accuracy
+    timeout 120 python3 benchmarks/quant_checks.py --model gptj-6b > "$OUT/quant_checks.log" 2>&1
+    grep -E "QUANTCHECK|Error" "$OUT/quant_checks.log" | cut -c1-200 | tail -5
+    step quant-gptj-bs1
+    for q in none int8_wo; do
+      timeout 90 $SERVE --model gptj-6b --engines ft_runner --quantization $q --num-prompts 4 --max-concurrency 1 \
+        --input-len 128 --output-len 256 --workload-name bs1-128-256 > "$OUT/quant_gptj_$q.log" 2>&1
+      echo "-- $q"; summary "$OUT/quant_gptj_$q.log"
+    done
+    step quant-llama-128
+    for qk in none:auto fp8:fp8; do
+      timeout 100 $SERVE --model llama-3-8b --engines ft_runner --quantization "${qk%:*}" --kv-cache-dtype "${qk#*:}" \
+        --num-prompts 1000 --input-len 128 --output-len 128 $WIDE --workload-name random-1000x128-128 \
+        > "$OUT/quant_llama_${qk%:*}.log" 2>&1; echo "-- $qk"; summary "$OUT/quant_llama_${qk%:*}.log"
+    done
+    step inflight-mixed
+    timeout 150 $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache,ft_runner-static \
+      --num-prompts 512 --input-len 64:512 --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
+    summary "$OUT/serving_c.log"
+    step inflight-1000
+    $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 $WIDE \
+      --max-duration-s 100 --workload-name random-1000x1000-1000 > "$OUT/serving_b.log" 2>&1; summary "$OUT/serving_b.log"
+    ;;
   serving|serving-a|serving-b|serving-c|serving-d)
     step "$s"
     SERVE="python3 benchmarks/bench_serving.py --offline --model llama-3-8b --dtype fp16 --results $OUT/results"
