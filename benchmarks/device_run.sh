@@ -275,7 +275,8 @@ for s in "$@"; do
     ;;
   final)
     # one call for what is left (issue #19's kernels, accuracy and speed; issue #17/#20's re-measure after
-    # 73374a8's aligned prefill tables; 1000/1000 last, capped so that the call ends in time)
+    # 73374a8's aligned prefill tables; the cosine check and 1000/1000 last, capped so that
+    # the call ends in time: what ran first comes back if the call is cut short)
     SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --results $OUT/results"
     WIDE="--max-num-seqs 1024 --max-num-batched-tokens 16384"
     summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|truncated|Error|error" "$1" | tail -16; }
@@ -283,9 +284,6 @@ for s in "$@"; do
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 -m ft_runner.kernels.selfcheck --only int8,fp8 > "$OUT/selfcheck_quant.log" 2>&1
     grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck_quant.log" | cut -c1-200 | tail -8
-    step quant-accuracy
-    timeout 120 python3 benchmarks/quant_checks.py --model gptj-6b > "$OUT/quant_checks.log" 2>&1
-    grep -E "QUANTCHECK|Error" "$OUT/quant_checks.log" | cut -c1-200 | tail -5
     step quant-gptj-bs1
     for q in none int8_wo; do
       timeout 90 $SERVE --model gptj-6b --engines ft_runner --quantization $q --num-prompts 4 --max-concurrency 1 \
@@ -302,6 +300,9 @@ for s in "$@"; do
     timeout 150 $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache,ft_runner-static \
       --num-prompts 512 --input-len 64:512 --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
     summary "$OUT/serving_c.log"
+    step quant-accuracy
+    timeout 120 python3 benchmarks/quant_checks.py --model gptj-6b > "$OUT/quant_checks.log" 2>&1
+    grep -E "QUANTCHECK|Error" "$OUT/quant_checks.log" | cut -c1-200 | tail -5
     step inflight-1000
     $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 $WIDE \
       --max-duration-s 100 --workload-name random-1000x1000-1000 > "$OUT/serving_b.log" 2>&1; summary "$OUT/serving_b.log"
