@@ -371,8 +371,8 @@ def run(device: str, only: tuple[str, ...] = ()) -> bool:
             err = fn()
         except Exception as exc:  # a kernel that does not compile or launch fails its check, and the others still run
             ok = False
-            print(f"FAIL {name}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}",
-                  flush=True)
+            first = next((line for line in str(exc).splitlines() if line.strip() and not line.startswith("=")), "")
+            print(f"FAIL {name}: {type(exc).__name__}: {first.strip()[:200]}", flush=True)
             continue
         good = err <= limit
         ok &= good

@@ -818,7 +818,7 @@ def _decode_attention_kernel(qkv_ptr, stride_qkv, k_cache, v_cache, stride_cb, s
             tl.store(count_ptr + group, 0)
 
 
-def _attention_config(rows: int, kv_heads: int, group: int, block_d: int, max_len: int):
+def _attention_config(rows: int, kv_heads: int, group: int, block_d: int, max_len: int, fp8: bool = False):
     """(BLOCK_T, KV_PER_PROGRAM, SPLITS, num_warps, num_stages), from an H200 sweep (benchmarks/
     microbench.py --sweep --parts attention, rows at positions 128..255): tiles of 64 positions up
     to 128 features and 32 beyond, split until there are 1024 programs (64-feature heads) or 512
@@ -826,7 +826,9 @@ def _attention_config(rows: int, kv_heads: int, group: int, block_d: int, max_le
     tiles of 128 keys instead, packing KV heads so that about 512 programs remain, unsplit
     (gpt2-medium at batch 32: 12.2 -> 11.0 us a layer; at batch 64, two heads a program: 19.8 ->
     18.0). A program packs at most 16 query heads, from KV heads that divide kv_heads.
-    FT_RUNNER_ATTN="block_t,kv_per_program,min_programs,warps,stages" overrides (for tuning)."""
+    FT_RUNNER_ATTN="block_t,kv_per_program,min_programs,warps,stages" overrides (for tuning), except for
+    e4m3 caches of heads over 128 features: with "16,4,1024,4,2" at head_dim 256 ptxas crashed (error
+    -11, Triton 3.6, H100), so those keep the defaults, which compiled and passed there."""
     block_t, kv_per_program, min_programs, warps, stages = (64 if block_d <= 128 else 32), 1, 512, 4, 2
     pairs = rows * kv_heads
     if block_d <= 64 and pairs >= 512:
@@ -835,7 +837,7 @@ def _attention_config(rows: int, kv_heads: int, group: int, block_d: int, max_le
         block_t = max(16, 128 // kv_per_program)
     elif block_d <= 64:
         min_programs = 1024
-    if os.environ.get("FT_RUNNER_ATTN"):
+    if os.environ.get("FT_RUNNER_ATTN") and not (fp8 and block_d > 128):
         block_t, kv_per_program, min_programs, warps, stages = (int(v) for v in os.environ["FT_RUNNER_ATTN"].split(","))
     while kv_per_program > 1 and (kv_heads % kv_per_program or kv_per_program * group > 16):
         kv_per_program //= 2
@@ -868,7 +870,8 @@ def _launch_decode(qkv, k_cache, v_cache, positions, block_tables, heads, kv_hea
     group = heads // kv_heads
     page = 0 if block_tables is None else _page_size(k_cache, v_cache)
     max_len = k_cache.shape[2] if block_tables is None else block_tables.shape[1] * page
-    block_t, kv_per_program, splits, warps, stages = _attention_config(B, kv_heads, group, block_d, max_len)
+    block_t, kv_per_program, splits, warps, stages = _attention_config(B, kv_heads, group, block_d, max_len,
+                                                                       kv_scale is not None)
     part = torch.empty((B * heads * splits * (block_d + 2),) if splits > 1 else (1,), dtype=torch.float32,
                        device=qkv.device)
     programs = (B, kv_heads // kv_per_program, splits)
