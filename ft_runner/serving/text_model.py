@@ -68,9 +68,10 @@ __all__ = ["ERROR", "ERROR_CODE", "INPUTS", "OUTPUTS", "RequestError", "TextMode
 
 
 def triton_batcher(limits: ServingConfig) -> DynamicBatcher:
-    """Triton's own queue, where a request waits while the model's instance takes in a call, refuses
-    as the engine does: past --max-queue-len requests, and once a request's timeout (its `timeout`,
-    or --request-timeout-s) passes in it; both UNAVAILABLE, with Triton's own messages."""
+    """Triton's own queue, where a request waits until the model's one instance takes it in (at once:
+    triton_stub.py answers calls through response senders), a backstop that refuses as the engine
+    does: past --max-queue-len requests, and once a request's timeout (its `timeout`, or
+    --request-timeout-s) passes in it; both UNAVAILABLE, with Triton's own messages."""
     policy = QueuePolicy(timeout_action=TimeoutAction.REJECT, allow_timeout_override=True,
                          default_timeout_microseconds=int(limits.request_timeout_s * 1e6),
                          max_queue_size=limits.max_queue_len)
@@ -217,8 +218,8 @@ class TextModel:
 
     async def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
-        return await answer_each(requests, lambda request: text_rows(request, self.tokenizer, self.limits), self.engine,
-                           self._response, self.tokenizer)
+        return await answer_each(requests, lambda request: text_rows(request, self.tokenizer, self.limits),
+                                 self.engine, self._response, self.tokenizer)
 
     def _response(self, rows: Rows, out, rows_slice: slice, watch=None) -> dict:
         if watch is not None:
