@@ -24,6 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from helpers import Server, free_ports
+from surface import token_infer
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 MODEL = "tiny_random_gpt2"
@@ -228,22 +229,35 @@ def test_clients_that_stop_reading_their_streams_hold_up_no_one_and_end_at_the_s
         sse.close()
 
 
-def test_tritons_own_queue_refuses_past_max_queue_len_and_times_out_by_the_same_limits(server):
-    """The text model's one instance runs one call at a time, so requests behind it wait in Triton's
-    queue (text_model.triton_batcher): one waits (`timeout` 1 s), the next is refused, by Triton."""
+def token_request(server, tokens: int) -> int:
+    """The `fastertransformer` token model over gRPC; the number of new tokens it returned."""
+    ids = [40, 69, 76, 322, 307]  # token ids of the embedded tokenizer's vocabulary
+    result = token_infer(server.grpc_url, [ids], tokens, protocol="grpc", min_length=tokens)
+    return int(result["sequence_length"][0, 0]) - len(ids)
+
+
+@pytest.mark.parametrize("model", ["text-http", "fastertransformer-grpc"])
+def test_a_short_triton_request_sent_while_a_long_one_runs_returns_first(server, model):
+    """Issue 17: a running Triton call holds no other request of its model in Triton's queue. While a
+    request of 60 tokens (3 s) runs, one of 4 tokens joins the engine's running batch and is answered
+    first (the stub answers each call through response senders, so Triton hands its one instance the
+    next call at once, and the model's callable is a coroutine: triton_stub.py, text_model.answer_each)."""
+    long_tokens = 60
+    call = (lambda n: text_request(server, n)) if model == "text-http" else (lambda n: token_request(server, n))
     wait_idle(server)
-    pool = concurrent.futures.ThreadPoolExecutor(2)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        running = pool.submit(text_request, server, 40)
+        running = pool.submit(call, long_tokens)
         wait_running(server, 1)
-        waiting = pool.submit(text_request, server, 4, 1_000_000)
-        time.sleep(0.3)  # it reaches Triton's queue
-        with pytest.raises(InferenceServerException, match="Exceeds maximum queue size") as err:
-            text_request(server, 4)
-        assert err.value.status() == "503"
-        with pytest.raises(InferenceServerException, match="Request timeout expired") as err:
-            waiting.result(30)
-        assert err.value.status() == "503"
-        assert running.result(30).startswith(PROMPT)
+        start = time.monotonic()
+        short = call(4)
+        took = time.monotonic() - start
+        assert not running.done(), f"the long request ended before the short one (which took {took:.2f} s)"
+        assert took < long_tokens * STEP_S / 2, f"a request of 4 tokens took {took:.2f} s beside a long one"
+        long_ = running.result(30)
     finally:
         pool.shutdown()
+    if model == "text-http":
+        assert short.startswith(PROMPT) and long_.startswith(PROMPT) and len(long_) > len(short)
+    else:
+        assert (short, long_) == (4, long_tokens)

@@ -18,6 +18,7 @@ was set (which lets it run to its end and sums the kept tokens' log-probs).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 
 import numpy as np
@@ -67,23 +68,26 @@ __all__ = ["ERROR", "ERROR_CODE", "INPUTS", "OUTPUTS", "RequestError", "TextMode
 
 
 def triton_batcher(limits: ServingConfig) -> DynamicBatcher:
-    """Triton's own queue, where a request waits while the model's one instance runs a call, refuses
-    as the engine does: past --max-queue-len requests, and once a request's timeout (its `timeout`,
-    or --request-timeout-s) passes in it; both UNAVAILABLE, with Triton's own messages."""
+    """Triton's own queue, where a request waits until the model's one instance takes it in (at once:
+    triton_stub.py answers calls through response senders), a backstop that refuses as the engine
+    does: past --max-queue-len requests, and once a request's timeout (its `timeout`, or
+    --request-timeout-s) passes in it; both UNAVAILABLE, with Triton's own messages."""
     policy = QueuePolicy(timeout_action=TimeoutAction.REJECT, allow_timeout_override=True,
                          default_timeout_microseconds=int(limits.request_timeout_s * 1e6),
                          max_queue_size=limits.max_queue_len)
     return DynamicBatcher(default_queue_policy=policy)
 
 
-def answer_each(requests, check, engine: Frontend, respond, tokenizer=None) -> list[dict]:
+async def answer_each(requests, check, engine: Frontend, respond, tokenizer=None) -> list[dict]:
     """One response per request: `check(request)` gives its Rows or raises RequestError, which
     becomes that request's own error (counted as rejected). Each good request is its own job on
     `engine` (which batches rows step by step anyway), so each is refused for a full queue, times out
     or is answered alone; beam requests share one job (the static engine runs one at a time), under
     the shortest of their timeouts. `respond(rows, output, rows_slice, watch)` makes a response from
     its slice of its job's output. A request with stop strings is watched on its text (stops.py):
-    `watch` is its StopWatch (else None) and `output` None when it was stopped early."""
+    `watch` is its StopWatch (else None) and `output` None when it was stopped early.
+    A coroutine: PyTriton runs a model's calls on one event loop, and the stub answers a call's
+    requests as soon as it ends (triton_stub.py), so calls run side by side while they wait."""
     checked = []
     for request in requests:
         try:
@@ -100,6 +104,8 @@ def answer_each(requests, check, engine: Frontend, respond, tokenizer=None) -> l
     submitted = [(group, _submit(engine, group, tokenizer)) for group in jobs]  # all in flight, then wait
     answers = {}
     for group, job in submitted:
+        if not isinstance(job, QueueFull):
+            await _ended(job[0])
         answers.update(_answers(group, job, respond))
     return [answers[id(rows)] if isinstance(rows, Rows) else error_response(rows) for rows in checked]
 
@@ -113,6 +119,14 @@ def _submit(engine: Frontend, group: list[Rows], tokenizer):
         return engine.submit_async(make_batch(group), timeout_s=min(timeouts, default=None)), None
     except QueueFull as exc:
         return exc
+
+
+async def _ended(future: concurrent.futures.Future) -> None:
+    """Wait for a job to end without blocking the event loop (its outcome is read from `future`)."""
+    waiter = asyncio.wrap_future(future)
+    await asyncio.wait([waiter])
+    if not waiter.cancelled():
+        waiter.exception()  # retrieved: asyncio would log it as never retrieved
 
 
 def _answers(group: list[Rows], job, respond) -> dict:
@@ -202,10 +216,10 @@ class TextModel:
         self.limits = Limits.of(config)
         self.model_config = ModelConfig(max_batch_size=max_batch_size, batcher=triton_batcher(engine.limits))
 
-    def infer(self, requests):
+    async def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
-        return answer_each(requests, lambda request: text_rows(request, self.tokenizer, self.limits), self.engine,
-                           self._response, self.tokenizer)
+        return await answer_each(requests, lambda request: text_rows(request, self.tokenizer, self.limits),
+                                 self.engine, self._response, self.tokenizer)
 
     def _response(self, rows: Rows, out, rows_slice: slice, watch=None) -> dict:
         if watch is not None:

@@ -81,9 +81,9 @@ class TokenModel:
         self.limits = Limits.of(config)
         self.model_config = ModelConfig(max_batch_size=max_batch_size, batcher=triton_batcher(engine.limits))
 
-    def infer(self, requests):
+    async def infer(self, requests):
         """PyTriton callable: a list of requests in, one dict of outputs per request out."""
-        return answer_each(requests, lambda request: token_rows(request, self.limits), self.engine, self._response)
+        return await answer_each(requests, lambda request: token_rows(request, self.limits), self.engine, self._response)
 
     def _response(self, rows: Rows, out, rows_slice: slice, watch=None) -> dict:
         W, new = rows.beam_width, max(rows.output_lens)
