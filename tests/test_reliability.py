@@ -546,7 +546,7 @@ def test_out_of_memory_while_loading_is_one_actionable_line(tiny_gpt2, tmp_path)
     assert len(lines) == 1, out
     assert re.fullmatch(r"error: rank 1 \(TP 1, PP 0\) ran out of cpu memory loading its fp32 shard "
                         r"\(OutOfMemoryError: .*\): spread the model over more ranks \(--tp/--pp\), use a smaller "
-                        r"--data-type, or free memory", lines[0]), lines[0]
+                        r"--data-type or --quantization, or free memory", lines[0]), lines[0]
     assert "Traceback" not in out
 
 
