@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -90,8 +91,11 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], new_tokens: int) -> list[i
 class Server:
     """`mpirun -n N python server.py ...` on free ports; a context manager that always cleans up."""
 
-    def __init__(self, n: int, *args: str, tmp: Path, ready_timeout: float = 180.0, env: dict | None = None):
-        self.http, self.grpc, self.metrics = free_ports(3)
+    def __init__(self, n: int, *args: str, tmp: Path, ready_timeout: float = 180.0, env: dict | None = None,
+                 openai: bool = False):
+        self.http, self.grpc, self.metrics, openai_port = free_ports(4)
+        self.openai_url = f"http://127.0.0.1:{openai_port}" if openai else None  # ready implies it listens
+        args = (*args, "--openai-port", str(openai_port)) if openai else args
         self.cmd = mpirun(n, str(ROOT / "server.py"), *args, "--output-dir", str(tmp / "ft_models"),
                           "--bind-address", "127.0.0.1", "--http-port", str(self.http),
                           "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics))
@@ -108,23 +112,29 @@ class Server:
     def grpc_url(self) -> str:
         return f"grpc://127.0.0.1:{self.grpc}"
 
-    def start(self) -> "Server":
+    def launch(self) -> "Server":
+        """Starts mpirun, logging to log_path; `start` also waits until the server is ready."""
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, env=mpi_env(**self.env), stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)
+        return self
+
+    def start(self) -> "Server":
+        self.launch()
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                self._kill_group()
+                self.kill_session()
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
             if self.ready() and "rank 0 pid" in self.output():
                 return self
             time.sleep(0.5)
-        self._kill_group()
+        self.kill_session()
         raise TimeoutError(f"server not ready in {self.ready_timeout}s:\n{self.output()}")
 
-    def _kill_group(self) -> None:
-        """A server that failed to start leaves nothing behind (its ranks share mpirun's session)."""
+    def kill_session(self) -> None:
+        """SIGKILL every process of the job still in mpirun's session: its ranks have process groups of
+        their own, tritonserver is in rank 0's (the janitor, in a session of its own, then cleans up)."""
         subprocess.run(["pkill", "-KILL", "-s", str(self.proc.pid)], check=False)
         self.proc.wait()
 
@@ -135,8 +145,16 @@ class Server:
         except OSError:
             return False
 
+    def metric(self, name: str) -> float:
+        """The sum of the OpenAI /metrics samples whose line starts with `name`."""
+        text = urllib.request.urlopen(f"{self.openai_url}/metrics", timeout=10).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def rank0_pid(self) -> int:
+        return int(re.search(r"rank 0 pid (\d+)", self.output()).group(1))
 
     def rank_pids(self) -> list[int]:
         """PIDs of the server's python ranks (children of prterun)."""
@@ -161,3 +179,60 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# -- what a job may leave behind -------------------------------------------------------------------------
+
+SHM_PREFIXES = ("pytrtion", "psm_", "sm_segment.")  # PyTriton's and Open MPI's shared-memory files
+CACHES = ("torchinductor_",)  # torch's compile cache: the next run reuses it, it is not a leftover
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
+    except (OSError, IndexError):
+        return False
+
+
+def model_folders(tmpdir: Path) -> list[Path]:
+    """tritonserver's model copies (folderXXXXXX, in /tmp whatever TMPDIR says) that belong to this run."""
+    found = []
+    for root in {Path("/tmp"), tmpdir}:
+        for folder in root.glob("folder??????"):
+            try:
+                if str(tmpdir) in (folder / "config.pbtxt").read_text(errors="replace"):
+                    found.append(folder)
+            except OSError:
+                continue
+    return found
+
+
+def shm_free_files() -> set[str]:
+    """/dev/shm files of PyTriton or Open MPI that no live process maps or holds open."""
+    from ft_runner.serving.janitor import files_in_use
+
+    used = files_in_use()
+    return {f for f in os.listdir("/dev/shm") if f.startswith(SHM_PREFIXES) and f"/dev/shm/{f}" not in used}
+
+
+def leftovers(pids: list[int], tmpdir: Path, shm_before: set[str], wait_s: float = 20.0) -> list[str]:
+    """What a job that ran with TMPDIR=tmpdir left: live processes among `pids` (after up to `wait_s`:
+    the janitor cleans a moment after rank 0 is gone, then exits), Triton's model folders, files in
+    TMPDIR, /dev/shm files that were not there before. Empty: nothing; TMPDIR is then removed."""
+    deadline = time.time() + wait_s
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.25)
+    left = [f"process {p} ({_name(p)})" for p in pids if alive(p)]
+    left += [f"Triton model folder {f}" for f in model_folders(tmpdir)]
+    left += [f"{tmpdir}/{p.name}" for p in tmpdir.iterdir() if not p.name.startswith(CACHES)]
+    left += [f"/dev/shm/{f}" for f in sorted(shm_free_files() - shm_before)]
+    if not left:
+        subprocess.run(["rm", "-rf", str(tmpdir)], check=False)
+    return left
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import ROOT, Server, free_ports, mpi_env
+from helpers import ROOT, Server, mpi_env
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -93,10 +93,8 @@ def test_admission_lets_requests_out_on_arrival_and_within_the_concurrency_limit
 
 @pytest.fixture(scope="module")
 def server(tiny_gpt2, tmp_path_factory):
-    (port,) = free_ports(1)
-    with Server(1, "--hf-model-name", str(tiny_gpt2), "--openai-port", str(port),
-                tmp=tmp_path_factory.mktemp("bench_serving")) as srv:
-        srv.openai_url = f"http://127.0.0.1:{port}"  # ready: Triton turns ready once the OpenAI app listens
+    with Server(1, "--hf-model-name", str(tiny_gpt2), tmp=tmp_path_factory.mktemp("bench_serving"),
+                openai=True) as srv:
         yield srv
 
 

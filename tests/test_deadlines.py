@@ -16,14 +16,13 @@ import json
 import socket
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import openai
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from helpers import Server, free_ports
+from helpers import Server
 from surface import token_infer
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
@@ -37,22 +36,15 @@ PROMPT = "Hello world"
 
 @pytest.fixture(scope="module")
 def server(tiny_gpt2, tmp_path_factory):
-    (port,) = free_ports(1)
-    with Server(2, "--tp", "2", "--hf-model-name", str(tiny_gpt2), "--openai-port", str(port),
-                "--max-num-seqs", str(SLOTS), "--max-queue-len", "1", "--request-timeout-s", str(TIMEOUT_S),
-                tmp=tmp_path_factory.mktemp("deadlines"), env={"FT_RUNNER_FAULT_INJECT": f"worker_delay:{STEP_S}"}) as srv:
-        srv.openai_url = f"http://127.0.0.1:{port}"
+    with Server(2, "--tp", "2", "--hf-model-name", str(tiny_gpt2), "--max-num-seqs", str(SLOTS), "--max-queue-len", "1",
+                "--request-timeout-s", str(TIMEOUT_S), tmp=tmp_path_factory.mktemp("deadlines"), openai=True,
+                env={"FT_RUNNER_FAULT_INJECT": f"worker_delay:{STEP_S}"}) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server.openai_url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def metric(server, name: str) -> float:
-    text = urllib.request.urlopen(f"{server.openai_url}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 TIMED_OUT = 'ft_runner:requests_total{outcome="timeout"}'
@@ -68,13 +60,13 @@ def wait_until(condition, what: str, timeout: float = 30.0) -> None:
 
 
 def wait_running(server, n: int) -> None:
-    wait_until(lambda: metric(server, "ft_runner:num_requests_running") == n, f"{n} requests running")
+    wait_until(lambda: server.metric("ft_runner:num_requests_running") == n, f"{n} requests running")
 
 
 def wait_idle(server) -> None:
     """Nothing runs or waits, and every KV page is free again."""
     names = ("ft_runner:num_requests_running", "ft_runner:num_requests_waiting", "ft_runner:kv_cache_usage_perc")
-    wait_until(lambda: all(metric(server, name) == 0 for name in names), "the server idle, its KV cache empty")
+    wait_until(lambda: all(server.metric(name) == 0 for name in names), "the server idle, its KV cache empty")
 
 
 def text_inputs(tokens: int, grpc=False) -> list:
@@ -128,7 +120,7 @@ def test_a_request_past_its_timeout_gets_a_clear_error_frees_its_pages_and_the_n
     """Each API's per-request timeout (1 s) on requests of 100 tokens (5 s): OpenAI's extra `timeout`
     (504), Triton's `timeout` parameter on the text model (HTTP 503: UNAVAILABLE) and on a gRPC stream."""
     wait_idle(server)
-    before = metric(server, TIMED_OUT)
+    before = server.metric(TIMED_OUT)
     pool = concurrent.futures.ThreadPoolExecutor(2)
     try:
         start = time.monotonic()
@@ -150,7 +142,7 @@ def test_a_request_past_its_timeout_gets_a_clear_error_frees_its_pages_and_the_n
         assert time.monotonic() - start < 4.0, "a request ran on past its deadline"
     finally:
         pool.shutdown()
-    assert metric(server, TIMED_OUT) == before + 3
+    assert server.metric(TIMED_OUT) == before + 3
     wait_idle(server)
     assert text_request(server, 8).startswith(PROMPT)
 
@@ -160,13 +152,13 @@ def test_a_full_queue_is_refused_at_once_on_both_apis_and_a_queued_stream_holds_
     request UNAVAILABLE (HTTP 503), a stream an error, all at once; the running streams' tokens keep
     coming while the queued stream waits for its first (StreamModel.infer is asynchronous)."""
     wait_idle(server)
-    before = metric(server, REJECTED)
+    before = server.metric(REJECTED)
     running = []
     for n in range(1, SLOTS + 1):
         running.append(Stream(server, 40))
         wait_running(server, n)
     queued = Stream(server, 4)
-    wait_until(lambda: metric(server, "ft_runner:num_requests_waiting") == 1, "one request waiting")
+    wait_until(lambda: server.metric("ft_runner:num_requests_waiting") == 1, "one request waiting")
     sent = time.monotonic()
     with pytest.raises(openai.RateLimitError) as err:
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
@@ -184,7 +176,7 @@ def test_a_full_queue_is_refused_at_once_on_both_apis_and_a_queued_stream_holds_
     assert all(stream.error is None for stream in running + [queued])
     gap = max(np.diff(stream.arrivals).max() for stream in running)
     assert gap < 1.0, f"a running stream's responses were held back {gap:.2f} s while another stream waited"
-    assert metric(server, REJECTED) == before + 3
+    assert server.metric(REJECTED) == before + 3
 
 
 def sse_request(server, tokens: int) -> socket.socket:
@@ -201,7 +193,7 @@ def test_clients_that_stop_reading_their_streams_hold_up_no_one_and_end_at_the_s
     """A gRPC stream and an OpenAI SSE stream of 120 tokens (6 s) whose clients never read: a request
     beside them is served in its own time, and --request-timeout-s stops them and frees their pages."""
     wait_idle(server)
-    before = metric(server, TIMED_OUT)
+    before = server.metric(TIMED_OUT)
     stall = threading.Event()
     stalled = Stream(server, 120, stalled=stall)
     wait_running(server, 1)
@@ -212,8 +204,8 @@ def test_clients_that_stop_reading_their_streams_hold_up_no_one_and_end_at_the_s
         assert text_request(server, 8).startswith(PROMPT)
         took = time.monotonic() - start
         assert took < 3.0, f"a request of 8 tokens took {took:.1f} s beside two stalled streams"
-        assert metric(server, "ft_runner:num_requests_running") == 2
-        wait_until(lambda: metric(server, TIMED_OUT) == before + 2, "the stalled streams timed out", TIMEOUT_S + 10)
+        assert server.metric("ft_runner:num_requests_running") == 2
+        wait_until(lambda: server.metric(TIMED_OUT) == before + 2, "the stalled streams timed out", TIMEOUT_S + 10)
         wait_idle(server)
         stall.set()
         assert stalled.done.wait(30) and f"deadline of {TIMEOUT_S} s" in stalled.error

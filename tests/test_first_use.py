@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +15,7 @@ import numpy as np
 import openai
 import pytest
 import transformers
-from helpers import ROOT, TOKENIZER_DIR, Server, free_ports, mpi_env
+from helpers import TOKENIZER_DIR, Server
 from pytriton.client import ModelClient
 
 PROMPT = "Thank you for"
@@ -47,12 +46,7 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """The demo's server, started by hand: the test itself polls readiness and acts at once."""
-    (port,) = free_ports(1)
-    server = Server(2, "--tp", "2", "--openai-port", str(port), tmp=tmp_path_factory.mktemp("demo"))
-    server.openai_url = f"http://127.0.0.1:{port}"
-    server.log = open(server.log_path, "w")
-    server.proc = subprocess.Popen(server.cmd, env=mpi_env(), stdout=server.log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   start_new_session=True)
+    server = Server(2, "--tp", "2", tmp=tmp_path_factory.mktemp("demo"), openai=True).launch()
     server.first_ready = None
     deadline = time.time() + 180
     while time.time() < deadline and server.proc.poll() is None:
@@ -81,11 +75,6 @@ def _first_calls(server) -> dict:
 @pytest.fixture(scope="module")
 def client(demo):
     return openai.OpenAI(base_url=f"{demo.openai_url}/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def metric(server, name: str) -> float:
-    text = urllib.request.urlopen(f"{server.openai_url}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 # ---- 1. readiness
@@ -196,13 +185,13 @@ def _split_stop(client) -> tuple[str, str, int]:
 def test_a_stop_string_split_across_tokens_stops_and_is_cut(client, demo):
     text, stop, index = _split_stop(client)
     want = text[: text.find(stop)]
-    before = metric(demo, "ft_runner:generation_tokens_total")
+    before = demo.metric("ft_runner:generation_tokens_total")
     cut = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, temperature=0, stop=[stop],
                                     extra_body={"ignore_eos": True})
     assert cut.choices[0].text == want and cut.choices[0].finish_reason == "stop"
     assert cut.usage.completion_tokens == index + 2
     # the engine stopped within a few steps of the stop, far from max_tokens
-    assert metric(demo, "ft_runner:generation_tokens_total") - before < index + 2 + 20
+    assert demo.metric("ft_runner:generation_tokens_total") - before < index + 2 + 20
     streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, temperature=0, stop=stop,
                                          stream=True, extra_body={"ignore_eos": True})
     assert "".join(c.choices[0].text for c in streamed) == want
@@ -229,7 +218,7 @@ def test_the_text_models_stop_words_are_strings_on_the_text(client, demo):
 
 def test_rejected_requests_are_counted_for_both_apis(client, demo):
     rejected = 'ft_runner:requests_total{outcome="rejected"}'
-    before = metric(demo, rejected)
+    before = demo.metric(rejected)
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
     with pytest.raises(openai.NotFoundError):
@@ -240,7 +229,7 @@ def test_rejected_requests_are_counted_for_both_apis(client, demo):
     with ModelClient(demo.http_url, MODEL, init_timeout_s=30) as triton, \
             pytest.raises(PyTritonClientInferenceServerError, match="is empty"):
         triton.infer_batch(prompts=np.array([[b""]]), request_output_len=np.array([[4]], dtype=np.uint32))
-    assert metric(demo, rejected) == before + 4
+    assert demo.metric(rejected) == before + 4
 
 
 # ---- 8. quiet logs (last: it reads everything the server printed)

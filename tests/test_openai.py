@@ -11,7 +11,7 @@ import urllib.request
 import openai
 import pytest
 import transformers
-from helpers import Server, free_ports, hf_greedy, make_tiny_gpt2
+from helpers import Server, hf_greedy, make_tiny_gpt2
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
@@ -29,10 +29,8 @@ def chat_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(chat_model, tmp_path_factory):
-    (port,) = free_ports(1)
-    with Server(2, "--tp", "2", "--hf-model-name", str(chat_model), "--openai-port", str(port),
-                tmp=tmp_path_factory.mktemp("openai")) as srv:
-        srv.openai_url = f"http://127.0.0.1:{port}"  # ready: Triton turns ready once the OpenAI app listens
+    with Server(2, "--tp", "2", "--hf-model-name", str(chat_model), tmp=tmp_path_factory.mktemp("openai"),
+                openai=True) as srv:
         yield srv
 
 
@@ -45,11 +43,6 @@ def hf_completion(model_dir, text, n, special=True):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(text, add_special_tokens=special)["input_ids"]
     return tokenizer.decode(hf_greedy(model_dir, ids, n)[len(ids):], skip_special_tokens=True)
-
-
-def metric(server, name):
-    text = urllib.request.urlopen(f"{server.openai_url}/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_models_and_health(client, server):
@@ -119,19 +112,19 @@ def test_n_choices_and_logprobs(client):
 
 
 def test_metrics_move_as_requests_are_served(client, server):
-    before = {name: metric(server, name) for name in (
+    before = {name: server.metric(name) for name in (
         'ft_runner:requests_total{outcome="success"}', "ft_runner:generation_tokens_total",
         "ft_runner:time_to_first_token_seconds_count", "ft_runner:e2e_request_latency_seconds_count")}
     client.completions.create(model="tiny_chat_gpt2", prompt=PROMPT, max_tokens=4, temperature=0)
-    after = {name: metric(server, name) for name in before}
+    after = {name: server.metric(name) for name in before}
     assert all(after[name] > before[name] for name in before), (before, after)
-    assert metric(server, "ft_runner:num_requests_running") == 0
+    assert server.metric("ft_runner:num_requests_running") == 0
 
 
 def test_a_client_leaving_mid_stream_is_cancelled(client, server):
     """The client closes its SSE connection after two chunks of 100: the engine gives its job up."""
     cancelled = 'ft_runner:requests_total{outcome="cancelled"}'
-    before = metric(server, cancelled)
+    before = server.metric(cancelled)
     body = json.dumps({"model": "tiny_chat_gpt2", "prompt": PROMPT, "max_tokens": 100, "ignore_eos": True,
                        "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", int(server.openai_url.rsplit(":", 1)[1]))) as conn:
@@ -143,10 +136,10 @@ def test_a_client_leaving_mid_stream_is_cancelled(client, server):
             assert chunk, "the stream ended before two chunks"
             received += chunk
     deadline = time.time() + 10
-    while metric(server, cancelled) == before and time.time() < deadline:
+    while server.metric(cancelled) == before and time.time() < deadline:
         time.sleep(0.1)
-    assert metric(server, cancelled) == before + 1
-    assert metric(server, "ft_runner:num_requests_running") == 0
+    assert server.metric(cancelled) == before + 1
+    assert server.metric("ft_runner:num_requests_running") == 0
     client.completions.create(model="tiny_chat_gpt2", prompt=PROMPT, max_tokens=4, temperature=0)
 
 

@@ -63,9 +63,6 @@ class RecordingServer(Server):
             time.sleep(0.1)
         raise TimeoutError(f"server not ready in {self.ready_timeout}s:\n{self.output()}")
 
-    def rank0_pid(self) -> int:
-        return int(re.search(r"rank 0 pid (\d+)", self.output()).group(1))
-
     def kill_all(self) -> None:
         """SIGKILL mpirun and every rank (Open MPI gives each rank its own process group, so killing
         mpirun's alone would orphan them); tritonserver follows its rank 0, the janitor cleans up."""

@@ -1,8 +1,9 @@
 """Clean up after rank 0 if it is killed hard (e.g. Open MPI's SIGKILL 0.25 s after SIGTERM).
 
 Started by rank 0 in its own session, so a signal to mpirun's process groups does not reach it:
-`python -m ft_runner.serving.janitor PID WORKSPACE`. Once PID is gone it removes PyTriton's
-workspace, any copy of a model that tritonserver made for a load through its API (`folderXXXXXX`
+`python -m ft_runner.serving.janitor PID WORKSPACE`. Once PID is gone it SIGKILLs what still runs
+from the workspace (tritonserver and its stubs outlive a rank 0 killed under load, holding their
+clients' connections open and the shared memory mapped), then removes PyTriton's workspace, any copy of a model that tritonserver made for a load through its API (`folderXXXXXX`
 under /tmp or $TMPDIR, whose config.pbtxt names the workspace; server.py's local model store makes
 none, this is for safety) and every shared-memory file in /dev/shm of PyTriton or Open MPI that no
 live process still maps, then exits. After a clean exit of rank 0 there is nothing left for it to do.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -67,6 +69,32 @@ def model_copies(workspace: Path) -> list[Path]:
     return found
 
 
+def orphans(workspace: Path) -> list[int]:
+    """Live processes started from the workspace (tritonserver, the Python backend stubs)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if str(workspace).encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def end_orphans(workspace: Path, wait_s: float = 5.0) -> None:
+    pids = orphans(workspace)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+    deadline = time.time() + wait_s
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+
+
 def clean(workspace: Path) -> None:
     for folder in model_copies(workspace):
         shutil.rmtree(folder, ignore_errors=True)
@@ -83,6 +111,7 @@ def main(argv=None) -> int:
     while alive(pid):
         time.sleep(0.2)
     time.sleep(1.0)  # let the server's children (tritonserver, stubs) die of their parent's death
+    end_orphans(workspace)
     clean(workspace)
     return 0
 
