@@ -25,6 +25,9 @@
 #               1000 x 128/128, the mixed 512 (three engines, 45 s cap each), 512 x (1024 shared + 128)/128
 #               with and without prefix caching, online 20 x 512/128 at 1 req/s; inflight-b GPT-J bs1
 #               in-flight vs static and gpu_checks in fp16 (the in-flight engine beside the static one)
+#   inflight-c..f  re-measures of those workloads after a change (each one's comment says which)
+#   final       one call for what is left: quant's kernels and speed, the mixed 512, quant's accuracy, then
+#               1000/1000, each capped (timeout / --max-duration-s) so that the call ends in time
 #   serving     the serving benchmark's GPU workloads on a random Llama-3-8B, fp16, offline
 #               (benchmarks/bench_serving.py): serving-a 1000 x 128/128 and serving-b 1000 x 1000/1000
 #               (ft_runner), serving-c the mixed 512 x 64:512/16:512 at t=0 (ft_runner, ft_runner-static,
@@ -52,6 +55,56 @@ step() { echo "=== $1 ($(date -u +%H:%M:%S))"; }
 shim_numpy() {
   mkdir -p /tmp/npshim
   printf 'import numpy\nfor _n, _t in (("long", "int_"), ("ulong", "uint")):\n    if not hasattr(numpy, _n):\n        setattr(numpy, _n, getattr(numpy, _t))\n' > /tmp/npshim/sitecustomize.py
+}
+
+# The serving benchmark's calls (benchmarks/bench_serving.py). Each step that serves sets SERVE (the
+# command and the flags all its calls share) and summary() (which lines of a log it prints).
+# vLLM's offline defaults for an H100: 1024 sequences, 16384 tokens a step
+WIDE=(--max-num-seqs 1024 --max-num-batched-tokens 16384)
+# serve TIMEOUT LOG ARGS...: one "${SERVE[@]}" ARGS call, killed after TIMEOUT seconds (0: never),
+# its output in $OUT/LOG.log, then summary of that log
+serve() {
+  if [ "$1" = 0 ]; then "${SERVE[@]}" "${@:3}" > "$OUT/$2.log" 2>&1
+  else timeout "$1" "${SERVE[@]}" "${@:3}" > "$OUT/$2.log" 2>&1; fi
+  summary "$OUT/$2.log"
+}
+# gptj_bs1 TIMEOUT LOG ARGS...: GPT-J-6B bs1 decode, 4 x 128/256 one at a time; ARGS (engines,
+# quantization) go right after --model
+gptj_bs1() {
+  serve "$1" "$2" --model gptj-6b "${@:3}" --num-prompts 4 --max-concurrency 1 --input-len 128 --output-len 256 \
+    --workload-name bs1-128-256
+}
+# llama128 TIMEOUT LOG "FLAGS" [EXTRA...]: Llama-3-8B 1000 x 128/128; FLAGS (engines, quantization; one
+# word-split string) go right after --model, EXTRA after --output-len
+llama128() {
+  # shellcheck disable=SC2086  # FLAGS is a list of flags
+  serve "$1" "$2" --model llama-3-8b $3 --num-prompts 1000 --input-len 128 --output-len 128 "${@:4}" \
+    --workload-name random-1000x128-128
+}
+# mixed512 TIMEOUT ENGINES [EXTRA...]: Llama-3-8B, 512 x 64:512/16:512 all at t=0, to serving_c.log
+mixed512() {
+  serve "$1" serving_c --model llama-3-8b --engines "$2" --num-prompts 512 --input-len 64:512 --output-len 16:512 \
+    "${@:3}" --workload-name mixed-512
+}
+# llama1000 [EXTRA...]: Llama-3-8B 1000 x 1000/1000 (ft_runner), to serving_b.log
+llama1000() {
+  serve 0 serving_b --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 \
+    "$@" --workload-name random-1000x1000-1000
+}
+# online NUM_PROMPTS: Llama-3-8B NUM_PROMPTS x 512/128 at 1 request/s (ft_runner), to serving_d.log
+online() {
+  serve 0 serving_d --model llama-3-8b --engines ft_runner --num-prompts "$1" --input-len 512 --output-len 128 \
+    --request-rate 1 --workload-name online-1rps-512-128
+}
+# chat: Llama-3-8B, 16 turns of one chat (256 in, 64 out each), with and without prefix caching
+chat() {
+  serve 0 serving_chat --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 16 --chat \
+    --input-len 256 --output-len 64 --max-concurrency 1 --workload-name chat-16x256-64
+}
+# shared_prefix: Llama-3-8B, 512 x (1024 shared + 128)/128 with and without prefix caching, 45 s cap
+shared_prefix() {
+  serve 0 serving_prefix --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 512 \
+    --shared-prefix-len 1024 --input-len 128 --output-len 128 --max-duration-s 45 --workload-name shared-1024+128-128
 }
 
 for s in "$@"; do
@@ -154,7 +207,7 @@ for s in "$@"; do
   inflight|inflight-a|inflight-b|inflight-c|inflight-d|inflight-e|inflight-f)
     # the in-flight engine on one GPU: inflight-a the paged kernels' self-check and issue #17/#20's
     # workloads (shortened), inflight-b the GPT-J bs1 A/B and gpu_checks in fp16; inflight both
-    SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --results $OUT/results"
+    SERVE=(python3 benchmarks/bench_serving.py --offline --dtype fp16 --results "$OUT/results")
     summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|skipping|truncated|Error|error" "$1" | tail -24; }
     case $s in inflight|inflight-a)
       step inflight-kernels
@@ -162,97 +215,62 @@ for s in "$@"; do
       python3 -m ft_runner.kernels.selfcheck --only "paged attention torch.float16,prefill torch.float16" \
         > "$OUT/selfcheck.log" 2>&1; grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck.log" | tail -5
       step inflight-128
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
-        --workload-name random-1000x128-128 > "$OUT/serving_a.log" 2>&1; summary "$OUT/serving_a.log"
+      llama128 0 serving_a "--engines ft_runner"
       step inflight-mixed
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-static,hf-cb --num-prompts 512 --input-len 64:512 \
-        --output-len 16:512 --max-duration-s 45 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
-      summary "$OUT/serving_c.log"
+      mixed512 0 ft_runner,ft_runner-static,hf-cb --max-duration-s 45
       step inflight-prefix
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 512 --shared-prefix-len 1024 \
-        --input-len 128 --output-len 128 --max-duration-s 45 --workload-name shared-1024+128-128 \
-        > "$OUT/serving_prefix.log" 2>&1; summary "$OUT/serving_prefix.log"
+      shared_prefix
       step inflight-online
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 20 --input-len 512 --output-len 128 --request-rate 1 \
-        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log" ;; esac
+      online 20 ;; esac
     case $s in inflight-d)  # the short re-measure: GPT-J bs1 A/B, online, the 16-turn chat, the mixed 512
       step inflight-gptj-bs1
-      $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \
-        --output-len 256 --workload-name bs1-128-256 > "$OUT/serving_gptj.log" 2>&1; summary "$OUT/serving_gptj.log"
+      gptj_bs1 0 serving_gptj --engines ft_runner,ft_runner-static
       step inflight-online
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 16 --input-len 512 --output-len 128 --request-rate 1 \
-        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log"
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 16 --chat --input-len 256 \
-        --output-len 64 --max-concurrency 1 --workload-name chat-16x256-64 > "$OUT/serving_chat.log" 2>&1
-      summary "$OUT/serving_chat.log"
+      online 16
+      chat
       step inflight-mixed
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-static --num-prompts 512 --input-len 64:512 \
-        --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1; summary "$OUT/serving_c.log" ;; esac
+      mixed512 0 ft_runner,ft_runner-static ;; esac
     case $s in inflight-e)  # the re-measure at 95ace68: bs1 A/B, online, chat and mixed with/without the cache, wide batches
       step inflight-gptj-bs1
-      $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \
-        --output-len 256 --workload-name bs1-128-256 > "$OUT/serving_gptj.log" 2>&1; summary "$OUT/serving_gptj.log"
+      gptj_bs1 0 serving_gptj --engines ft_runner,ft_runner-static
       step inflight-online
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 16 --input-len 512 --output-len 128 --request-rate 1 \
-        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log"
+      online 16
       step inflight-chat
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 16 --chat --input-len 256 \
-        --output-len 64 --max-concurrency 1 --workload-name chat-16x256-64 > "$OUT/serving_chat.log" 2>&1
-      summary "$OUT/serving_chat.log"
+      chat
       step inflight-mixed
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache,ft_runner-static --num-prompts 512 \
-        --input-len 64:512 --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
-      summary "$OUT/serving_c.log"
+      mixed512 0 ft_runner,ft_runner-no-prefix-cache,ft_runner-static
       step inflight-128-wide
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
-        --max-num-seqs 1024 --max-num-batched-tokens 16384 --workload-name random-1000x128-128 \
-        > "$OUT/serving_a1024.log" 2>&1; summary "$OUT/serving_a1024.log" ;; esac
+      llama128 0 serving_a1024 "--engines ft_runner" "${WIDE[@]}" ;; esac
     case $s in inflight-f)  # after the aligned prefill tables: the mixed 512 (cache, no cache, static), 128/128
       # and 1000/1000 at vLLM's offline defaults for an H100 (1024 sequences, 16384 tokens a step)
-      WIDE="--max-num-seqs 1024 --max-num-batched-tokens 16384"
       step inflight-mixed
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache,ft_runner-static --num-prompts 512 \
-        --input-len 64:512 --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
-      summary "$OUT/serving_c.log"
+      mixed512 0 ft_runner,ft_runner-no-prefix-cache,ft_runner-static
       step inflight-128-wide
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 $WIDE \
-        --workload-name random-1000x128-128 > "$OUT/serving_a1024.log" 2>&1; summary "$OUT/serving_a1024.log"
+      llama128 0 serving_a1024 "--engines ft_runner" "${WIDE[@]}"
       step inflight-1000
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 $WIDE \
-        --workload-name random-1000x1000-1000 > "$OUT/serving_b.log" 2>&1; summary "$OUT/serving_b.log" ;; esac
+      llama1000 "${WIDE[@]}" ;; esac
     case $s in inflight-c)  # the re-measure after a change: GPT-J bs1 A/B, Llama 128/128, the mixed 512, online
       step inflight-gptj-bs1
-      $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \
-        --output-len 256 --workload-name bs1-128-256 > "$OUT/serving_gptj.log" 2>&1; summary "$OUT/serving_gptj.log"
+      gptj_bs1 0 serving_gptj --engines ft_runner,ft_runner-static
       step inflight-128
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
-        --workload-name random-1000x128-128 > "$OUT/serving_a.log" 2>&1; summary "$OUT/serving_a.log"
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
-        --max-num-seqs 512 --workload-name random-1000x128-128 > "$OUT/serving_a512.log" 2>&1; summary "$OUT/serving_a512.log"
+      llama128 0 serving_a "--engines ft_runner"
+      llama128 0 serving_a512 "--engines ft_runner" --max-num-seqs 512
       step inflight-mixed
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache,ft_runner-static --num-prompts 512 \
-        --input-len 64:512 --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
-      summary "$OUT/serving_c.log"
+      mixed512 0 ft_runner,ft_runner-no-prefix-cache,ft_runner-static
       step inflight-online
-      $SERVE --model llama-3-8b --engines ft_runner --num-prompts 20 --input-len 512 --output-len 128 --request-rate 1 \
-        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log"
+      online 20
       step inflight-prefix
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 512 --shared-prefix-len 1024 \
-        --input-len 128 --output-len 128 --max-duration-s 45 --workload-name shared-1024+128-128 \
-        > "$OUT/serving_prefix.log" 2>&1; summary "$OUT/serving_prefix.log"
-      $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache --num-prompts 16 --chat --input-len 256 \
-        --output-len 64 --max-concurrency 1 --workload-name chat-16x256-64 > "$OUT/serving_chat.log" 2>&1
-      summary "$OUT/serving_chat.log" ;; esac
+      shared_prefix
+      chat ;; esac
     case $s in inflight|inflight-b)
       step inflight-gptj-bs1
-      $SERVE --model gptj-6b --engines ft_runner,ft_runner-static --num-prompts 4 --max-concurrency 1 --input-len 128 \
-        --output-len 256 --workload-name bs1-128-256 > "$OUT/serving_gptj.log" 2>&1; summary "$OUT/serving_gptj.log"
+      gptj_bs1 0 serving_gptj --engines ft_runner,ft_runner-static
       step inflight-gpu-checks
       python3 benchmarks/gpu_checks.py --tp 1 --dtypes fp16 --skip-kernels --only gptj,llama,qwen2 \
         > "$OUT/gpu_checks.log" 2>&1; grep -E "GPUCHECK|Error" "$OUT/gpu_checks.log" | cut -c1-220 ;; esac
     ;;
   quant)
-    SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --engines ft_runner --results $OUT/results"
+    SERVE=(python3 benchmarks/bench_serving.py --offline --dtype fp16 --engines ft_runner --results "$OUT/results")
     summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|skipping|truncated|Error|error" "$1" | tail -12; }
     step quant-kernels
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -263,22 +281,18 @@ for s in "$@"; do
     grep -E "QUANTCHECK|Error" "$OUT/quant_checks.log" | tail -4
     step quant-gptj-bs1
     for q in none int8_wo; do
-      $SERVE --model gptj-6b --quantization $q --num-prompts 4 --max-concurrency 1 --input-len 128 --output-len 256 \
-        --workload-name bs1-128-256 > "$OUT/quant_gptj_$q.log" 2>&1; echo "-- $q"; summary "$OUT/quant_gptj_$q.log"
+      echo "-- $q"; gptj_bs1 0 "quant_gptj_$q" --quantization "$q"
     done
     step quant-llama-128
     for qk in none:auto fp8:fp8; do
-      $SERVE --model llama-3-8b --quantization "${qk%:*}" --kv-cache-dtype "${qk#*:}" --num-prompts 1000 --input-len 128 \
-        --output-len 128 --workload-name random-1000x128-128 > "$OUT/quant_llama_${qk%:*}.log" 2>&1
-      echo "-- $qk"; summary "$OUT/quant_llama_${qk%:*}.log"
+      echo "-- $qk"; llama128 0 "quant_llama_${qk%:*}" "--quantization ${qk%:*} --kv-cache-dtype ${qk#*:}"
     done
     ;;
   final)
     # one call for what is left (issue #19's kernels, accuracy and speed; issue #17/#20's re-measure after
     # 73374a8's aligned prefill tables; the cosine check and 1000/1000 last, capped so that
     # the call ends in time: what ran first comes back if the call is cut short)
-    SERVE="python3 benchmarks/bench_serving.py --offline --dtype fp16 --results $OUT/results"
-    WIDE="--max-num-seqs 1024 --max-num-batched-tokens 16384"
+    SERVE=(python3 benchmarks/bench_serving.py --offline --dtype fp16 --results "$OUT/results")
     summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|truncated|Error|error" "$1" | tail -16; }
     step quant-kernels
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -286,44 +300,37 @@ for s in "$@"; do
     grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck_quant.log" | cut -c1-200 | tail -8
     step quant-gptj-bs1
     for q in none int8_wo; do
-      timeout 90 $SERVE --model gptj-6b --engines ft_runner --quantization $q --num-prompts 4 --max-concurrency 1 \
-        --input-len 128 --output-len 256 --workload-name bs1-128-256 > "$OUT/quant_gptj_$q.log" 2>&1
-      echo "-- $q"; summary "$OUT/quant_gptj_$q.log"
+      echo "-- $q"; gptj_bs1 90 "quant_gptj_$q" --engines ft_runner --quantization "$q"
     done
     step quant-llama-128
     for qk in none:auto fp8:fp8; do
-      timeout 100 $SERVE --model llama-3-8b --engines ft_runner --quantization "${qk%:*}" --kv-cache-dtype "${qk#*:}" \
-        --num-prompts 1000 --input-len 128 --output-len 128 $WIDE --workload-name random-1000x128-128 \
-        > "$OUT/quant_llama_${qk%:*}.log" 2>&1; echo "-- $qk"; summary "$OUT/quant_llama_${qk%:*}.log"
+      echo "-- $qk"
+      llama128 100 "quant_llama_${qk%:*}" "--engines ft_runner --quantization ${qk%:*} --kv-cache-dtype ${qk#*:}" "${WIDE[@]}"
     done
     step inflight-mixed
-    timeout 150 $SERVE --model llama-3-8b --engines ft_runner,ft_runner-no-prefix-cache,ft_runner-static \
-      --num-prompts 512 --input-len 64:512 --output-len 16:512 --workload-name mixed-512 > "$OUT/serving_c.log" 2>&1
-    summary "$OUT/serving_c.log"
+    mixed512 150 ft_runner,ft_runner-no-prefix-cache,ft_runner-static
     step quant-accuracy
     timeout 120 python3 benchmarks/quant_checks.py --model gptj-6b > "$OUT/quant_checks.log" 2>&1
     grep -E "QUANTCHECK|Error" "$OUT/quant_checks.log" | cut -c1-200 | tail -5
     step inflight-1000
-    $SERVE --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 $WIDE \
-      --max-duration-s 100 --workload-name random-1000x1000-1000 > "$OUT/serving_b.log" 2>&1; summary "$OUT/serving_b.log"
+    llama1000 "${WIDE[@]}" --max-duration-s 100
     ;;
   serving|serving-a|serving-b|serving-c|serving-d)
     step "$s"
-    SERVE="python3 benchmarks/bench_serving.py --offline --model llama-3-8b --dtype fp16 --results $OUT/results"
+    SERVE=(python3 benchmarks/bench_serving.py --offline --model llama-3-8b --dtype fp16 --results "$OUT/results")
     summary() { grep -E "^Engine|^Request rate|^Successful|^Benchmark duration|^Output token|^Median (TTFT|TPOT)|skipping|truncated|Error|error" "$1" | tail -40; }
     case $s in serving|serving-a)
-      $SERVE --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
-        --workload-name random-1000x128-128 > "$OUT/serving_a.log" 2>&1; summary "$OUT/serving_a.log" ;; esac
+      serve 0 serving_a --engines ft_runner --num-prompts 1000 --input-len 128 --output-len 128 \
+        --workload-name random-1000x128-128 ;; esac
     case $s in serving|serving-b)
-      $SERVE --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 --max-duration-s 180 \
-        --workload-name random-1000x1000-1000 > "$OUT/serving_b.log" 2>&1; summary "$OUT/serving_b.log" ;; esac
+      serve 0 serving_b --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 --max-duration-s 180 \
+        --workload-name random-1000x1000-1000 ;; esac
     case $s in serving|serving-c)
-      $SERVE --engines ft_runner,ft_runner-static,hf-cb --num-prompts 512 --input-len 64:512 --output-len 16:512 \
-        --request-rate inf --max-duration-s 150 --workload-name mixed-512 --plot "$OUT/serving_mixed.png" \
-        > "$OUT/serving_c.log" 2>&1; summary "$OUT/serving_c.log" ;; esac
+      serve 0 serving_c --engines ft_runner,ft_runner-static,hf-cb --num-prompts 512 --input-len 64:512 --output-len 16:512 \
+        --request-rate inf --max-duration-s 150 --workload-name mixed-512 --plot "$OUT/serving_mixed.png" ;; esac
     case $s in serving|serving-d)
-      $SERVE --engines ft_runner --num-prompts 60 --input-len 512 --output-len 128 --request-rate 1 \
-        --workload-name online-1rps-512-128 > "$OUT/serving_d.log" 2>&1; summary "$OUT/serving_d.log" ;; esac
+      serve 0 serving_d --engines ft_runner --num-prompts 60 --input-len 512 --output-len 128 --request-rate 1 \
+        --workload-name online-1rps-512-128 ;; esac
     ;;
   *) echo "unknown step $s" ;;
   esac
