@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline-s", type=float, default=300.0, help="a request unanswered this long is lost")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=HERE / "soak_results.json")
-    p.add_argument("--plot", type=Path, default=HERE / "soak.png", help="the PNG to draw ('' for none)")
+    p.add_argument("--plot", default=str(HERE / "soak.png"), help="the PNG to draw ('' for none)")
     args = p.parse_args(argv)
     args.warmup_s = max(10.0, args.duration_s / 10) if args.warmup_s is None else args.warmup_s
     return args
@@ -328,10 +328,10 @@ def main(argv=None) -> int:
     left = leftovers(list(run["end"]["pids"]), tmpdir, shm_before)
     summary = summarize(args, run, left)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
-    if args.plot and str(args.plot):
+    if args.plot:
         import soak_plot
 
-        soak_plot.draw(summary, args.plot)
+        soak_plot.draw(summary, Path(args.plot))
     print(report(summary))
     print(f"server log: {server.log_path}; results: {args.out}")
     return 0 if ok(summary) else 1

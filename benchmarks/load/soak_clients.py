@@ -95,7 +95,7 @@ class Context:
                                                        timeout=aiohttp.ClientTimeout(total=self.deadline_s))
 
     async def close(self) -> None:
-        for name, client in self.clients.items():
+        for client in self.clients.values():
             try:
                 await client.close()
             except Exception:  # closing after the server was killed may itself fail
@@ -103,7 +103,7 @@ class Context:
 
 
 class Prompts:
-    """Random prompts of a given token length from the embedded tokenizer's vocabulary."""
+    """Random prompts of at most a given token length from the embedded tokenizer's vocabulary."""
 
     def __init__(self, tokenizer, seed: int):
         self.tokenizer = tokenizer
@@ -222,7 +222,7 @@ async def triton_grpc_stream(ctx: Context, spec: Spec, record: Record) -> None:
     tokens, finish = 0, ""
     try:
         async for result, error in responses:
-            if error is not None:
+            if error is not None:  # a stream's error carries its message, no status: "INVALID" lets it be judged
                 return judge_error(ctx, spec, record, str(error.message()) or "(empty error)", "INVALID")
             tokens += int(result.as_numpy("token_id").reshape(-1)[0] >= 0)
             record.first_token = record.first_token or time.perf_counter()
