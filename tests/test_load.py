@@ -54,5 +54,8 @@ def test_sigkill_of_a_rank_under_load_ends_the_job_within_10_s_leaving_nothing(t
     end = s["end"]
     assert end["in_flight"] > 0 and set(s["in_flight_at_end"]) <= EXPECTED_IN_FLIGHT, s["in_flight_at_end"]
     assert s["in_flight_at_end"].get("ended", 0) > 0
+    # a stream's error is its message, not a stack trace (Triton HTTP answers caught by PyTriton's own
+    # stop may still carry its traceback of a broken pipe: LOAD.md)
+    assert not [m for m in s["ended_by"] if "Traceback" in m and "stream" in m], s["ended_by"]
     assert end["exit_code"] not in (0, None) and end["job_end_s"] < KILL_BOUND_S, end
     assert end["answers_s"] < KILL_BOUND_S, end

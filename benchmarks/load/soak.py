@@ -270,6 +270,7 @@ def summarize(args, run: dict, left: list[str]) -> dict:
     counts = collections.Counter(r.outcome for r in records)
     by_kind = {kind: dict(collections.Counter(r.outcome for r in records if r.kind == kind)) for kind in sc.KINDS}
     failures = collections.Counter(f"{r.kind}: {r.message}" for r in records if r.outcome in ("failed", "lost"))
+    ended = collections.Counter(f"{r.kind}: {r.message}" for r in records if r.outcome == "ended")
     last = next((s for s in reversed(run["samples"]) if "preemptions" in s), {})
     in_load = [s for s in run["samples"] if "generation_tokens" in s and s["t"] <= args.duration_s]
     tok_s = ((in_load[-1]["generation_tokens"] - in_load[0]["generation_tokens"]) / (in_load[-1]["t"] - in_load[0]["t"])
@@ -278,7 +279,7 @@ def summarize(args, run: dict, left: list[str]) -> dict:
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "sent": len(records), **{o: counts.get(o, 0) for o in sc.OUTCOMES}, "by_kind": by_kind,
-        "failures": dict(failures.most_common(20)), "preemptions": last.get("preemptions"),
+        "failures": dict(failures.most_common(20)), "ended_by": dict(ended.most_common(10)), "preemptions": last.get("preemptions"),
         "generation_tok_s": tok_s, **trends(run, wins, args.warmup_s, args.duration_s),
         "end": {k: v for k, v in end.items() if k != "pids"}, "leftovers": left,
         "in_flight_at_end": _in_flight_outcomes(run), "windows": wins, "samples": run["samples"],
@@ -301,6 +302,7 @@ def report(summary: dict) -> str:
              f"end {e['how']}: {e['in_flight']} in flight -> {summary['in_flight_at_end']}; answers in {e['answers_s']:.1f} s; "
              f"job ended {e['job_end_s']:.1f} s after, exit {e['exit_code']}; leftovers: {summary['leftovers'] or 'none'}"]
     lines += [f"  {count} x {message}" for message, count in summary["failures"].items()]
+    lines += [f"  ended: {count} x {message}" for message, count in summary["ended_by"].items()]
     return "\n".join(lines)
 
 

@@ -334,7 +334,7 @@ class Frontend:
         self._close(message)
         for job in jobs + list(self._beams):
             job.timer.done("error")
-            _settle(job.future, error=RuntimeError(message))
+            _settle(job.future, error=EngineFailed(message))
         while not self.jobs.empty():
             queued = self.jobs.get()
             queued.timer.started()

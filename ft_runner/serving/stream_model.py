@@ -15,7 +15,8 @@ DecoupledModelClient, tritonclient gRPC `start_stream`, or Triton's HTTP
 `POST /v2/models/<name>/generate_stream` (server-sent events, one per response).
 A client that leaves (gRPC cancel, closed HTTP stream) gets its generation stopped within a few
 steps (triton_stub.py tells the engine). A request refused for a full queue, or past its deadline
-(its `timeout` parameter or --request-timeout-s), ends its stream with an UNAVAILABLE error.
+(its `timeout` parameter or --request-timeout-s), a server that is stopping or whose rank grid failed,
+ends its stream with an UNAVAILABLE error carrying the message.
 The callable is an async generator: PyTriton runs every stream of this model on one event loop,
 and a synchronous wait for one stream's next token (a queued one waits long) would hold back the
 responses of all the others.
@@ -29,7 +30,7 @@ import numpy as np
 from pytriton.model_config import ModelConfig, Tensor
 
 from ft_runner.engine.sampler import Finish
-from ft_runner.serving.frontend import Frontend, QueueFull, RequestTimeout
+from ft_runner.serving.frontend import EngineFailed, Frontend, QueueFull, RequestTimeout, ServerStopping
 from ft_runner.serving.stops import StopWatch
 from ft_runner.serving.text_model import ERROR, ERROR_CODE, INPUTS, error_response, text_rows
 from ft_runner.serving.triton_stub import KEY_PARAMETER
@@ -121,7 +122,7 @@ class StreamModel:
         try:
             future = self.engine.submit_async(make_batch([rows]), on_token=lambda *event: events.put(event), key=key,
                                               timeout_s=request_timeout_s(request))
-        except QueueFull as exc:
+        except (QueueFull, ServerStopping) as exc:
             yield error_response(exc)
             return
         future.add_done_callback(lambda _: events.put(None))
@@ -129,8 +130,8 @@ class StreamModel:
         try:
             async for response in responses:
                 yield response
-        except RequestTimeout as exc:  # its rows were stopped at its deadline
-            yield error_response(exc)
+        except (RequestTimeout, EngineFailed, ServerStopping) as exc:  # a deadline, or the grid failed: the stream
+            yield error_response(exc)  # ends with its message (raised, it reached the client as a traceback)
 
     async def _stream_plain(self, rows, key, future, events: _Events):
         texts = _Detokenizer(self.tokenizer, rows.prompts)

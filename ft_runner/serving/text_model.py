@@ -26,7 +26,7 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tens
 
 from ft_runner.config import ServingConfig
 from ft_runner.engine.beam import with_beam_axis
-from ft_runner.serving.frontend import Frontend, QueueFull, RequestTimeout
+from ft_runner.serving.frontend import EngineFailed, Frontend, QueueFull, RequestTimeout, ServerStopping
 from ft_runner.serving.stops import StopWatch
 from ft_runner.serving.triton_stub import ERROR_CODE_OUTPUT, ERROR_OUTPUT
 from ft_runner.serving.validation import (
@@ -138,7 +138,7 @@ def _answers(group: list[Rows], job, respond) -> dict:
         out = with_beam_axis(future.result())
     except concurrent.futures.CancelledError:  # stopped on its stop strings
         out = None
-    except RequestTimeout as exc:
+    except RequestTimeout as exc:  # (a failed grid's error is raised: the job is ending, PyTriton answers it)
         return {id(rows): error_response(exc) for rows in group}
     if watch is not None:
         return {id(group[0]): respond(group[0], out, slice(0, len(watch.tokens)), watch)}
@@ -163,9 +163,10 @@ def _submit_watched(engine: Frontend, rows: Rows, tokenizer):
 
 def error_response(exc: Exception) -> dict:
     """A request's own error (triton_stub.py): INVALID_ARG for a bad request; UNAVAILABLE, as Triton's
-    own queue answers, for a full queue or a passed deadline."""
+    own queue answers, for a full queue or a passed deadline, and for a server that is stopping or
+    whose rank grid failed."""
     response = {ERROR_OUTPUT: np.array([[str(exc).encode("utf-8")]], dtype=object)}
-    if isinstance(exc, (QueueFull, RequestTimeout)):
+    if isinstance(exc, (QueueFull, RequestTimeout, ServerStopping, EngineFailed)):
         response[ERROR_CODE_OUTPUT] = np.array([[b"UNAVAILABLE"]], dtype=object)
     return response
 
