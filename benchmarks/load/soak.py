@@ -279,7 +279,8 @@ def summarize(args, run: dict, left: list[str]) -> dict:
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "sent": len(records), **{o: counts.get(o, 0) for o in sc.OUTCOMES}, "by_kind": by_kind,
-        "failures": dict(failures.most_common(20)), "ended_by": dict(ended.most_common(10)), "preemptions": last.get("preemptions"),
+        "failures": dict(failures.most_common(20)), "ended_by": dict(ended.most_common(10)),
+        "preemptions": last.get("preemptions"),
         "generation_tok_s": tok_s, **trends(run, wins, args.warmup_s, args.duration_s),
         "end": {k: v for k, v in end.items() if k != "pids"}, "leftovers": left,
         "in_flight_at_end": _in_flight_outcomes(run), "windows": wins, "samples": run["samples"],

@@ -3,9 +3,10 @@
 Started by rank 0 in its own session, so a signal to mpirun's process groups does not reach it:
 `python -m ft_runner.serving.janitor PID WORKSPACE`. Once PID is gone it SIGKILLs what still runs
 from the workspace (tritonserver and its stubs outlive a rank 0 killed under load, holding their
-clients' connections open and the shared memory mapped), then removes PyTriton's workspace, any copy of a model that tritonserver made for a load through its API (`folderXXXXXX`
-under /tmp or $TMPDIR, whose config.pbtxt names the workspace; server.py's local model store makes
-none, this is for safety) and every shared-memory file in /dev/shm of PyTriton or Open MPI that no
+clients' connections open and the shared memory mapped), then removes PyTriton's workspace, any
+copy of a model that tritonserver made for a load through its API (`folderXXXXXX` under /tmp or
+$TMPDIR, whose config.pbtxt names the workspace; server.py's local model store makes none, this is
+for safety) and every shared-memory file in /dev/shm of PyTriton or Open MPI that no
 live process still maps, then exits. After a clean exit of rank 0 there is nothing left for it to do.
 """
 
