@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -183,51 +184,31 @@ class Server:
 
 # -- what a job may leave behind -------------------------------------------------------------------------
 
-SHM_PREFIXES = ("pytrtion", "psm_", "sm_segment.")  # PyTriton's and Open MPI's shared-memory files
 CACHES = ("torchinductor_",)  # torch's compile cache: the next run reuses it, it is not a leftover
 
 
-def alive(pid: int) -> bool:
-    try:
-        return "zombie" not in Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0]
-    except (OSError, IndexError):
-        return False
-
-
-def model_folders(tmpdir: Path) -> list[Path]:
-    """tritonserver's model copies (folderXXXXXX, in /tmp whatever TMPDIR says) that belong to this run."""
-    found = []
-    for root in {Path("/tmp"), tmpdir}:
-        for folder in root.glob("folder??????"):
-            try:
-                if str(tmpdir) in (folder / "config.pbtxt").read_text(errors="replace"):
-                    found.append(folder)
-            except OSError:
-                continue
-    return found
-
-
 def shm_free_files() -> set[str]:
-    """/dev/shm files of PyTriton or Open MPI that no live process maps or holds open."""
-    from ft_runner.serving.janitor import files_in_use
+    """Names of the /dev/shm files of PyTriton or Open MPI that no live process maps or holds open."""
+    from ft_runner.serving.janitor import free_shm_files
 
-    used = files_in_use()
-    return {f for f in os.listdir("/dev/shm") if f.startswith(SHM_PREFIXES) and f"/dev/shm/{f}" not in used}
+    return {path.name for path in free_shm_files()}
 
 
 def leftovers(pids: list[int], tmpdir: Path, shm_before: set[str], wait_s: float = 20.0) -> list[str]:
     """What a job that ran with TMPDIR=tmpdir left: live processes among `pids` (after up to `wait_s`:
     the janitor cleans a moment after rank 0 is gone, then exits), Triton's model folders, files in
     TMPDIR, /dev/shm files that were not there before. Empty: nothing; TMPDIR is then removed."""
+    from ft_runner.serving.janitor import alive, model_copies
+
     deadline = time.time() + wait_s
     while time.time() < deadline and any(alive(p) for p in pids):
         time.sleep(0.25)
     left = [f"process {p} ({_name(p)})" for p in pids if alive(p)]
-    left += [f"Triton model folder {f}" for f in model_folders(tmpdir)]
+    left += [f"Triton model folder {f}" for f in model_copies(tmpdir, tmpdir)]
     left += [f"{tmpdir}/{p.name}" for p in tmpdir.iterdir() if not p.name.startswith(CACHES)]
     left += [f"/dev/shm/{f}" for f in sorted(shm_free_files() - shm_before)]
     if not left:
-        subprocess.run(["rm", "-rf", str(tmpdir)], check=False)
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return left
 
 

@@ -7,25 +7,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 from helpers import Server, leftovers, shm_free_files
 
-
-def _pids(pattern: str, within: str) -> list[int]:
-    """Live processes whose command line matches `pattern` and mentions `within`."""
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    found = []
-    for pid in map(int, out):
-        try:
-            if within in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
-                found.append(pid)
-        except OSError:
-            continue
-    return found
+from ft_runner.serving.janitor import orphans
 
 
 @pytest.mark.slow
@@ -38,7 +26,7 @@ def test_no_leftovers_however_the_server_ends(tiny_gpt2, tmp_path, how):
     try:
         ranks = server.rank_pids()
         rank0 = server.rank0_pid()
-        processes = ranks + _pids("tritonserver|triton_python_backend_stub|ft_runner.serving.janitor", str(tmpdir))
+        processes = ranks + orphans(tmpdir)  # everything started from PyTriton's workspace in it, the janitor too
         assert len(ranks) == 2 and len(processes) >= 2 + 1 + 4 + 1, processes  # ranks, Triton, 4 stubs, janitor
         _end(server, how, rank0)
         server.proc.wait(30)

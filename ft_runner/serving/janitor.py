@@ -56,9 +56,16 @@ def files_in_use() -> set[str]:
     return used
 
 
-def model_copies(workspace: Path) -> list[Path]:
-    """tritonserver's temporary copies of models loaded through its API for this workspace."""
-    roots = {Path("/tmp"), Path(tempfile.gettempdir())}
+def free_shm_files() -> list[Path]:
+    """/dev/shm files of PyTriton or Open MPI that no live process maps or holds open."""
+    used = files_in_use()
+    return [path for path in SHM.iterdir() if path.name.startswith(PREFIXES) and str(path) not in used]
+
+
+def model_copies(workspace: Path, tmpdir: Path | None = None) -> list[Path]:
+    """tritonserver's temporary copies of models loaded through its API whose config names `workspace`
+    (or any path under it), in /tmp and in `tmpdir` (default: this process's temporary directory)."""
+    roots = {Path("/tmp"), tmpdir or Path(tempfile.gettempdir())}
     found = []
     for root in roots:
         for folder in root.glob("folder??????"):
@@ -100,10 +107,8 @@ def clean(workspace: Path) -> None:
     for folder in model_copies(workspace):
         shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(workspace, ignore_errors=True)
-    used = files_in_use()
-    for path in SHM.iterdir():
-        if path.name.startswith(PREFIXES) and str(path) not in used:
-            path.unlink(missing_ok=True)
+    for path in free_shm_files():
+        path.unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:
