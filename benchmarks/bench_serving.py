@@ -511,12 +511,41 @@ def engine_config(args, prefix_caching: bool = True):
                         kv_cache_blocks=args.kv_cache_blocks, enable_prefix_caching=prefix_caching)
 
 
+class StepProfile:
+    """Where an in-flight run's time went, by kind of step. A call of EngineCore.step() waits for the
+    previous step's tokens, so the time from one call's return to the next's is charged to the step
+    launched by the earlier call (the device's time for it, when the device is the bottleneck)."""
+
+    def __init__(self):
+        self.totals: dict[str, list] = {}  # kind -> [steps, seconds, decode rows, prefill tokens]
+        self.pending, self.last = None, None
+
+    @staticmethod
+    def kind(decode: int, prefill: int) -> str:
+        if prefill:
+            return "mixed" if decode else "prefill"
+        return "decode" if decode >= 64 else "decode<64"  # a few rows: the run's tail, bound by weight reads
+
+    def add(self, now: float, launched: Optional[tuple[int, int]]) -> None:
+        if self.pending is not None:
+            total = self.totals.setdefault(self.kind(*self.pending), [0, 0.0, 0, 0])
+            for i, value in enumerate((1, now - self.last, *self.pending)):
+                total[i] += value
+        self.pending, self.last = launched, now
+
+    def summary(self) -> dict:
+        """Per kind: steps, seconds, ms a step, and the decode rows and prefill tokens of all its steps."""
+        return {kind: {"steps": n, "s": round(s, 3), "ms_per_step": round(1e3 * s / n, 2), "decode_rows": d,
+                       "prefill_tokens": p} for kind, (n, s, d, p) in sorted(self.totals.items())}
+
+
 class InflightRunner:
     """The in-flight engine (EngineCore): arrived requests join before every step."""
 
     def __init__(self, stage, runtime, args, name: str = "ft_runner"):
         self.stage, self.runtime, self.args, self.name = stage, runtime, args, name
         self.core = None
+        self.profile = StepProfile()  # the last run's
 
     def run(self, requests: list[Request], cap: Optional[float] = None) -> tuple[list[RequestResult], float]:
         from ft_runner.engine.core import EngineCore
@@ -527,6 +556,7 @@ class InflightRunner:
         track, t0 = Tracker(), clock()
         admission, deadline = Admission(requests, self.args.max_concurrency, t0), deadline_of(cap, t0)
         ids: dict[int, int] = {}
+        self.profile = StepProfile()
         while (not admission.done or self.core.has_unfinished()) and clock() < deadline:
             self._admit(admission, track, ids)
             if not self.core.has_unfinished():  # idle: nothing to step until the next arrival
@@ -550,6 +580,7 @@ class InflightRunner:
     def _step(self, admission: Admission, track: Tracker, ids: dict) -> None:
         events = self.core.step()
         now = clock()
+        self.profile.add(now, self.core.last_launch)
         for ev in events:
             track.token(ids[ev.request_id], now)
             if ev.finish:
@@ -895,6 +926,10 @@ def print_summary(row: dict) -> None:
         for stat, label in (("mean", "Mean"), ("p50", "Median"), ("p99", "P99")):
             lines.append(f"{f'{label} {key.upper()} (ms):':<44}{fmt(row[f'{key}_ms_{stat}'])}")
     lines.append("=" * 60)
+    for kind, p in row.get("step_profile", {}).items():
+        n = p["steps"]
+        lines.append(f"Steps {kind + ':':<11}{n:>6} in {p['s']:8.2f} s, {p['ms_per_step']:7.2f} ms each, "
+                     f"{p['decode_rows'] / n:6.1f} decode rows, {p['prefill_tokens'] / n:7.1f} prefill tokens")
     print("\n".join(lines), flush=True)
 
 
@@ -1023,6 +1058,8 @@ def offline_extra(args, runner) -> dict:
              "warmup_requests": args.warmup_requests}
     if isinstance(runner, HFContinuousRunner):
         extra["hf_attn"] = runner.attn
+    if isinstance(runner, InflightRunner):
+        extra["step_profile"] = runner.profile.summary()
     return extra
 
 

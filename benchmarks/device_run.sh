@@ -26,8 +26,9 @@
 #               with and without prefix caching, online 20 x 512/128 at 1 req/s; inflight-b GPT-J bs1
 #               in-flight vs static and gpu_checks in fp16 (the in-flight engine beside the static one)
 #   inflight-c..f  re-measures of those workloads after a change (each one's comment says which)
-#   final       one call for what is left: quant's kernels and speed, the mixed 512, quant's accuracy, then
-#               1000/1000, each capped (timeout / --max-duration-s) so that the call ends in time
+#   final       what is left, as two back-to-back calls: final-a quant's kernels, GPT-J bs1 fp16 vs int8_wo,
+#               Llama 128/128 fp16 vs fp8 + fp8 KV, the mixed 512 (four engines; then at 1024 seqs);
+#               final-b 1000/1000, online 1 req/s, the mixed 512 in fp8; each capped so that a call ends in time
 #   serving     the serving benchmark's GPU workloads on a random Llama-3-8B, fp16, offline
 #               (benchmarks/bench_serving.py): serving-a 1000 x 128/128 and serving-b 1000 x 1000/1000
 #               (ft_runner), serving-c the mixed 512 x 64:512/16:512 at t=0 (ft_runner, ft_runner-static,
@@ -81,15 +82,15 @@ llama128() {
   serve "$1" "$2" --model llama-3-8b $3 --num-prompts 1000 --input-len 128 --output-len 128 "${@:4}" \
     --workload-name random-1000x128-128
 }
-# mixed512 TIMEOUT ENGINES [EXTRA...]: Llama-3-8B, 512 x 64:512/16:512 all at t=0, to serving_c.log
+# mixed512 TIMEOUT LOG ENGINES [EXTRA...]: Llama-3-8B, 512 x 64:512/16:512 all at t=0
 mixed512() {
-  serve "$1" serving_c --model llama-3-8b --engines "$2" --num-prompts 512 --input-len 64:512 --output-len 16:512 \
-    "${@:3}" --workload-name mixed-512
+  serve "$1" "$2" --model llama-3-8b --engines "$3" --num-prompts 512 --input-len 64:512 --output-len 16:512 \
+    "${@:4}" --workload-name mixed-512
 }
-# llama1000 [EXTRA...]: Llama-3-8B 1000 x 1000/1000 (ft_runner), to serving_b.log
+# llama1000 TIMEOUT [EXTRA...]: Llama-3-8B 1000 x 1000/1000 (ft_runner), to serving_b.log
 llama1000() {
-  serve 0 serving_b --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 \
-    "$@" --workload-name random-1000x1000-1000
+  serve "$1" serving_b --model llama-3-8b --engines ft_runner --num-prompts 1000 --input-len 1000 --output-len 1000 \
+    "${@:2}" --workload-name random-1000x1000-1000
 }
 # online NUM_PROMPTS: Llama-3-8B NUM_PROMPTS x 512/128 at 1 request/s (ft_runner), to serving_d.log
 online() {
@@ -217,7 +218,7 @@ for s in "$@"; do
       step inflight-128
       llama128 0 serving_a "--engines ft_runner"
       step inflight-mixed
-      mixed512 0 ft_runner,ft_runner-static,hf-cb --max-duration-s 45
+      mixed512 0 serving_c ft_runner,ft_runner-static,hf-cb --max-duration-s 45
       step inflight-prefix
       shared_prefix
       step inflight-online
@@ -229,7 +230,7 @@ for s in "$@"; do
       online 16
       chat
       step inflight-mixed
-      mixed512 0 ft_runner,ft_runner-static ;; esac
+      mixed512 0 serving_c ft_runner,ft_runner-static ;; esac
     case $s in inflight-e)  # the re-measure at 95ace68: bs1 A/B, online, chat and mixed with/without the cache, wide batches
       step inflight-gptj-bs1
       gptj_bs1 0 serving_gptj --engines ft_runner,ft_runner-static
@@ -238,17 +239,17 @@ for s in "$@"; do
       step inflight-chat
       chat
       step inflight-mixed
-      mixed512 0 ft_runner,ft_runner-no-prefix-cache,ft_runner-static
+      mixed512 0 serving_c ft_runner,ft_runner-no-prefix-cache,ft_runner-static
       step inflight-128-wide
       llama128 0 serving_a1024 "--engines ft_runner" "${WIDE[@]}" ;; esac
     case $s in inflight-f)  # after the aligned prefill tables: the mixed 512 (cache, no cache, static), 128/128
       # and 1000/1000 at vLLM's offline defaults for an H100 (1024 sequences, 16384 tokens a step)
       step inflight-mixed
-      mixed512 0 ft_runner,ft_runner-no-prefix-cache,ft_runner-static
+      mixed512 0 serving_c ft_runner,ft_runner-no-prefix-cache,ft_runner-static
       step inflight-128-wide
       llama128 0 serving_a1024 "--engines ft_runner" "${WIDE[@]}"
       step inflight-1000
-      llama1000 "${WIDE[@]}" ;; esac
+      llama1000 0 "${WIDE[@]}" ;; esac
     case $s in inflight-c)  # the re-measure after a change: GPT-J bs1 A/B, Llama 128/128, the mixed 512, online
       step inflight-gptj-bs1
       gptj_bs1 0 serving_gptj --engines ft_runner,ft_runner-static
@@ -256,7 +257,7 @@ for s in "$@"; do
       llama128 0 serving_a "--engines ft_runner"
       llama128 0 serving_a512 "--engines ft_runner" --max-num-seqs 512
       step inflight-mixed
-      mixed512 0 ft_runner,ft_runner-no-prefix-cache,ft_runner-static
+      mixed512 0 serving_c ft_runner,ft_runner-no-prefix-cache,ft_runner-static
       step inflight-online
       online 20
       step inflight-prefix
@@ -288,32 +289,39 @@ for s in "$@"; do
       echo "-- $qk"; llama128 0 "quant_llama_${qk%:*}" "--quantization ${qk%:*} --kv-cache-dtype ${qk#*:}"
     done
     ;;
-  final)
-    # one call for what is left (issue #19's kernels, accuracy and speed; issue #17/#20's re-measure after
-    # 73374a8's aligned prefill tables; the cosine check and 1000/1000 last, capped so that
-    # the call ends in time: what ran first comes back if the call is cut short)
+  final|final-a|final-b)
+    # what is left, in two back-to-back calls of under 10 minutes each (final-a, then final-b at once,
+    # while the machine is warm): issue #19's kernels and speed A/Bs, issue #17/#20's mixed 512 after
+    # 73374a8's aligned prefill tables (four engines, one run) and at vLLM's offline H100 defaults,
+    # then 1000/1000, the online rate and the mixed 512 in fp8. Every in-flight row carries its step
+    # profile (bench_serving's StepProfile: time by kind of step).
     SERVE=(python3 benchmarks/bench_serving.py --offline --dtype fp16 --results "$OUT/results")
-    summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|truncated|Error|error" "$1" | tail -16; }
-    step quant-kernels
-    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-    python3 -m ft_runner.kernels.selfcheck --only int8,fp8 > "$OUT/selfcheck_quant.log" 2>&1
-    grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck_quant.log" | cut -c1-200 | tail -8
-    step quant-gptj-bs1
-    for q in none int8_wo; do
-      echo "-- $q"; gptj_bs1 90 "quant_gptj_$q" --engines ft_runner --quantization "$q"
-    done
-    step quant-llama-128
-    for qk in none:auto fp8:fp8; do
-      echo "-- $qk"
-      llama128 100 "quant_llama_${qk%:*}" "--engines ft_runner --quantization ${qk%:*} --kv-cache-dtype ${qk#*:}" "${WIDE[@]}"
-    done
-    step inflight-mixed
-    mixed512 150 ft_runner,ft_runner-no-prefix-cache,ft_runner-static
-    step quant-accuracy
-    timeout 120 python3 benchmarks/quant_checks.py --model gptj-6b > "$OUT/quant_checks.log" 2>&1
-    grep -E "QUANTCHECK|Error" "$OUT/quant_checks.log" | cut -c1-200 | tail -5
-    step inflight-1000
-    llama1000 "${WIDE[@]}" --max-duration-s 100
+    summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|^Steps|truncated|Error|error" "$1" | tail -24; }
+    case $s in final|final-a)
+      step quant-kernels
+      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+      timeout 150 python3 -m ft_runner.kernels.selfcheck --only int8,fp8 > "$OUT/selfcheck_quant.log" 2>&1
+      grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck_quant.log" | cut -c1-200 | tail -8
+      step quant-gptj-bs1
+      for q in none int8_wo; do
+        echo "-- $q"; gptj_bs1 90 "quant_gptj_$q" --engines ft_runner --quantization "$q"
+      done
+      step quant-llama-128
+      for qk in none:auto fp8:fp8; do
+        echo "-- $qk"
+        llama128 100 "quant_llama_${qk%:*}" "--engines ft_runner --quantization ${qk%:*} --kv-cache-dtype ${qk#*:}" "${WIDE[@]}"
+      done
+      step inflight-mixed
+      mixed512 200 serving_c ft_runner,ft_runner-no-prefix-cache,ft_runner-static,hf-cb --max-duration-s 40
+      step inflight-mixed-wide
+      mixed512 90 serving_c_wide ft_runner,ft_runner-no-prefix-cache "${WIDE[@]}" ;; esac
+    case $s in final|final-b)
+      step inflight-1000
+      llama1000 330 "${WIDE[@]}" --max-duration-s 280
+      step inflight-online
+      online 16
+      step quant-mixed-fp8
+      mixed512 90 serving_c_fp8 ft_runner --quantization fp8 --kv-cache-dtype fp8 "${WIDE[@]}" ;; esac
     ;;
   serving|serving-a|serving-b|serving-c|serving-d)
     step "$s"

@@ -189,3 +189,14 @@ def inflight_engine_missing() -> bool:
 def test_offline_inflight_engine(tmp_path):
     rows, _ = run_offline(tmp_path, "ft_runner")
     check_offline(rows, "ft_runner")
+    for row in rows:  # the step profile accounts for every token computed, and for no more time than the run's
+        profile = row["step_profile"].values()
+        prefilled = sum(p["prefill_tokens"] for p in profile)
+        # each request's first token comes from its prefill; the rest from a decode row each
+        decoded = sum(p["decode_rows"] for p in profile)
+        if row["request_rate"] == "inf":  # the first run: every prompt token computed
+            assert (prefilled, decoded) == (row["total_input_tokens"], row["total_output_tokens"] - 6)
+        else:  # the same prompts again: their full blocks come from the prefix cache (and a prompt's
+            # one uncached token is a single-token row)
+            assert 0 < prefilled < row["total_input_tokens"] and decoded >= row["total_output_tokens"] - 6
+        assert 0 < sum(p["s"] for p in profile) <= row["duration_s"]

@@ -99,6 +99,8 @@ class EngineCore:
         self.micro_batches = runtime.grid.pp
         self._in_flight: collections.deque[Schedule] = collections.deque()
         self.most_in_flight = 0  # the most steps in flight so far (tests, metrics)
+        # (decode rows, prefill tokens) of the step the last step() launched, None if none (step profiles)
+        self.last_launch: tuple[int, int] | None = None
         self.requests: dict[int, Request] = {}
 
     def add_request(self, prompt: list[int], options: SamplingOptions) -> int:
@@ -138,6 +140,7 @@ class EngineCore:
         busy = frozenset(row.request.id for step in self._in_flight for row in step.rows)
         schedule = self.scheduler.schedule(busy, self.micro_batches)
         previous, self._sampled = self._sampled, None
+        self.last_launch = schedule.shape if schedule.rows else None
         if schedule.rows:
             plan = make_plan(schedule, previous.requests if previous else ())
             if self.broadcast is not None:

@@ -44,6 +44,12 @@ class Schedule:
     def num_tokens(self) -> int:
         return sum(r.count for r in self.rows)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(single-token rows, tokens of the longer chunks): the step's decode and prefill work."""
+        decode = sum(r.count == 1 for r in self.rows)
+        return decode, self.num_tokens - decode
+
 
 class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager, max_model_len: int):
