@@ -41,9 +41,7 @@ class RecordingServer(Server):
         self.polls: list[tuple[float, bool, str]] = []  # (time, ready, log so far)
 
     def start(self) -> RecordingServer:
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, env=mpi_env(**self.env), stdout=self.log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, start_new_session=True)
+        self.launch()
         try:
             self._wait_ready()
         except BaseException:
@@ -64,17 +62,8 @@ class RecordingServer(Server):
         raise TimeoutError(f"server not ready in {self.ready_timeout}s:\n{self.output()}")
 
     def kill_all(self) -> None:
-        """SIGKILL mpirun and every rank (Open MPI gives each rank its own process group, so killing
-        mpirun's alone would orphan them); tritonserver follows its rank 0, the janitor cleans up."""
-        ranks = self.rank_pids()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for pid in ranks:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
+        """SIGKILL the whole job (helpers.Server.kill_session) and close its log."""
+        self.kill_session()
         self.log.close()
 
 
