@@ -28,7 +28,8 @@
 #   inflight-c..f  re-measures of those workloads after a change (each one's comment says which)
 #   final       what is left, as two back-to-back calls: final-a quant's kernels, GPT-J bs1 fp16 vs int8_wo,
 #               Llama 128/128 fp16 vs fp8 + fp8 KV, the mixed 512 (four engines; then at 1024 seqs);
-#               final-b 1000/1000, online 1 req/s, the mixed 512 in fp8; each capped so that a call ends in time
+#               final-b 1000/1000, online 1 req/s, the mixed 512 in fp8 (final-c: without the fp8 mixed);
+#               each capped so that a call ends in time
 #   serving     the serving benchmark's GPU workloads on a random Llama-3-8B, fp16, offline
 #               (benchmarks/bench_serving.py): serving-a 1000 x 128/128 and serving-b 1000 x 1000/1000
 #               (ft_runner), serving-c the mixed 512 x 64:512/16:512 at t=0 (ft_runner, ft_runner-static,
@@ -289,7 +290,7 @@ for s in "$@"; do
       echo "-- $qk"; llama128 0 "quant_llama_${qk%:*}" "--quantization ${qk%:*} --kv-cache-dtype ${qk#*:}"
     done
     ;;
-  final|final-a|final-b)
+  final|final-a|final-b|final-c)
     # what is left, in two back-to-back calls of under 10 minutes each (final-a, then final-b at once,
     # while the machine is warm): issue #19's kernels and speed A/Bs, issue #17/#20's mixed 512 after
     # 73374a8's aligned prefill tables (four engines, one run) and at vLLM's offline H100 defaults,
@@ -315,11 +316,12 @@ for s in "$@"; do
       mixed512 200 serving_c ft_runner,ft_runner-no-prefix-cache,ft_runner-static,hf-cb --max-duration-s 40
       step inflight-mixed-wide
       mixed512 90 serving_c_wide ft_runner,ft_runner-no-prefix-cache "${WIDE[@]}" ;; esac
-    case $s in final|final-b)
+    case $s in final|final-b|final-c)
       step inflight-1000
       llama1000 330 "${WIDE[@]}" --max-duration-s 280
       step inflight-online
-      online 16
+      online 16 ;; esac
+    case $s in final|final-b)
       step quant-mixed-fp8
       mixed512 90 serving_c_fp8 ft_runner --quantization fp8 --kv-cache-dtype fp8 "${WIDE[@]}" ;; esac
     ;;
