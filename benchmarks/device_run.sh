@@ -29,6 +29,7 @@
 #   final       what is left, as two back-to-back calls: final-a quant's kernels, GPT-J bs1 fp16 vs int8_wo,
 #               Llama 128/128 fp16 vs fp8 + fp8 KV, the mixed 512 (four engines; then at 1024 seqs);
 #               final-b 1000/1000, online 1 req/s, the mixed 512 in fp8 (final-c: without the fp8 mixed);
+#               final-d: final-a's A/Bs and four-engine mixed 512 only (no self-check, no wide mixed);
 #               each capped so that a call ends in time
 #   serving     the serving benchmark's GPU workloads on a random Llama-3-8B, fp16, offline
 #               (benchmarks/bench_serving.py): serving-a 1000 x 128/128 and serving-b 1000 x 1000/1000
@@ -290,7 +291,7 @@ for s in "$@"; do
       echo "-- $qk"; llama128 0 "quant_llama_${qk%:*}" "--quantization ${qk%:*} --kv-cache-dtype ${qk#*:}"
     done
     ;;
-  final|final-a|final-b|final-c)
+  final|final-a|final-b|final-c|final-d)
     # what is left, in two back-to-back calls of under 10 minutes each (final-a, then final-b at once,
     # while the machine is warm): issue #19's kernels and speed A/Bs, issue #17/#20's mixed 512 after
     # 73374a8's aligned prefill tables (four engines, one run) and at vLLM's offline H100 defaults,
@@ -298,11 +299,12 @@ for s in "$@"; do
     # profile (bench_serving's StepProfile: time by kind of step).
     SERVE=(python3 benchmarks/bench_serving.py --offline --dtype fp16 --results "$OUT/results")
     summary() { grep -E "^Engine|^Output token|^Median (TTFT|TPOT|ITL)|^Steps|truncated|Error|error" "$1" | tail -24; }
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     case $s in final|final-a)
       step quant-kernels
-      nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
       timeout 150 python3 -m ft_runner.kernels.selfcheck --only int8,fp8 > "$OUT/selfcheck_quant.log" 2>&1
-      grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck_quant.log" | cut -c1-200 | tail -8
+      grep -E "FAIL|SELFCHECK|Error" "$OUT/selfcheck_quant.log" | cut -c1-200 | tail -8 ;; esac
+    case $s in final|final-a|final-d)
       step quant-gptj-bs1
       for q in none int8_wo; do
         echo "-- $q"; gptj_bs1 90 "quant_gptj_$q" --engines ft_runner --quantization "$q"
@@ -313,7 +315,8 @@ for s in "$@"; do
         llama128 100 "quant_llama_${qk%:*}" "--engines ft_runner --quantization ${qk%:*} --kv-cache-dtype ${qk#*:}" "${WIDE[@]}"
       done
       step inflight-mixed
-      mixed512 200 serving_c ft_runner,ft_runner-no-prefix-cache,ft_runner-static,hf-cb --max-duration-s 40
+      mixed512 200 serving_c ft_runner,ft_runner-no-prefix-cache,ft_runner-static,hf-cb --max-duration-s 40 ;; esac
+    case $s in final|final-a)
       step inflight-mixed-wide
       mixed512 90 serving_c_wide ft_runner,ft_runner-no-prefix-cache "${WIDE[@]}" ;; esac
     case $s in final|final-b|final-c)
