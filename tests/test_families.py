@@ -49,16 +49,20 @@ def families(tmp_path_factory):
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_every_family_matches_hf(families, tp, pp):
     root, models = families
+    # The prefix cache's decisions are rank 0's, sent to every rank in each step's plan: TP=PP=1 and the
+    # grid with both TP and PP cover them (its runs were three quarters of the (2,1) and (1,2) grids' time).
+    prefix = (tp, pp) in ((1, 1), (2, 2))
     cmd = mpirun(tp * pp, str(ROOT / "tests" / "parity_check.py"), "--model", *map(str, models.values()),
                  "--out", str(root / "ft_models"), "--tp", str(tp), "--pp", str(pp), "--refs", str(root / "refs"),
-                 "--solo", "1")
+                 "--solo", "1", *([] if prefix else ["--no-prefix-cache-check"]))
     result = subprocess.run(cmd, env=mpi_env(), capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     lines = {m.group(1): m.group(0) for m in re.finditer(r"PARITY model=(\S+) .*", output)}
     assert sorted(lines) == sorted(models), output
     failed = [line for line in lines.values() if "greedy_equal=True" not in line or "inflight_equal=True" not in line
               or "prefix_cache_equal=True" not in line or float(line.split("max_abs_diff=")[1].split()[0]) > 1e-4]
-    assert all("prefix_hits=0" not in line for name, line in lines.items() if name != "llama_dynamic"), output
+    missed = [name for name, line in lines.items() if "prefix_hits=0" in line and name != "llama_dynamic"]
+    assert not (prefix and missed), output
     assert not failed and result.returncode == 0, output
 
 
