@@ -50,7 +50,7 @@ def families(tmp_path_factory):
 def test_every_family_matches_hf(families, tp, pp):
     root, models = families
     # The prefix cache's decisions are rank 0's, sent to every rank in each step's plan: TP=PP=1 and the
-    # grid with both TP and PP cover them (its runs were three quarters of the (2,1) and (1,2) grids' time).
+    # grid with both TP and PP cover them (the cache's runs are most of a grid's time, so only there).
     prefix = (tp, pp) in ((1, 1), (2, 2))
     cmd = mpirun(tp * pp, str(ROOT / "tests" / "parity_check.py"), "--model", *map(str, models.values()),
                  "--out", str(root / "ft_models"), "--tp", str(tp), "--pp", str(pp), "--refs", str(root / "refs"),

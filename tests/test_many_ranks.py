@@ -32,7 +32,7 @@ def eight_head_models(tmp_path_factory):
 def test_four_and_eight_rank_grids_match_hf(eight_head_models, tmp_path, tp, pp):
     cmd = mpirun(tp * pp, str(ROOT / "tests" / "parity_check.py"), "--model", *map(str, eight_head_models),
                  "--out", str(tmp_path), "--tp", str(tp), "--pp", str(pp), "--new-tokens", "16",
-                 "--no-prefix-cache-check")  # the cache's runs: test_families' grids (they were most of this time)
+                 "--no-prefix-cache-check")  # test_families' grids check the prefix cache across ranks
     result = subprocess.run(cmd, env=mpi_env(), capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
